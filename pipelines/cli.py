@@ -1,0 +1,166 @@
+"""`genpipe`: run pipelines and stages, sample registered models, browse the registry.
+
+Exit codes: 0 done, 1 a failure (a stage's log tail is shown), 2 invalid
+input (one line, no traceback), 3 a quality gate not met, 130 interrupted.
+Heavy imports (torch, ray, mlflow) happen inside the commands, so `--help`
+and spec errors answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from pipelines.errors import GateFailed, InvalidInput, StageFailed
+
+STAGE_COMMANDS = ("prepare", "train", "evaluate", "register")
+
+
+def _spec(a: argparse.Namespace):
+    from pipelines import config
+
+    return config.load(a.config, a.set or [])
+
+
+def cmd_pipeline(a: argparse.Namespace) -> int:
+    from pipelines import pipeline
+
+    spec = _spec(a)
+    result = pipeline.run(spec, until=a.until, address=a.address)
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+def cmd_sample(a: argparse.Namespace) -> int:
+    import numpy as np
+
+    out = Path(a.out)
+    if out.suffix not in (".png", ".npy"):
+        raise InvalidInput(f"--out {out}: must end in .png (a grid) or .npy (uint8 N,C,H,W)")
+    if not out.parent.is_dir():
+        raise InvalidInput(f"--out {out}: directory {out.parent} does not exist")
+    images = _load_pyfunc(a.model_uri).predict(
+        __import__("pandas").DataFrame([{"n": a.n, "seed": a.seed, "label": a.label}]))
+    if out.suffix == ".npy":
+        np.save(out, images)
+    else:
+        import torch
+
+        from pipelines.evaluate import grid_png
+
+        out.write_bytes(grid_png(torch.from_numpy(images).float() / 255))
+    print(f"wrote {len(images)} samples to {out}", file=sys.stderr)
+    return 0
+
+
+def _load_pyfunc(uri: str):
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from pipelines import tracking
+
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    mlflow.set_registry_uri(tracking.tracking_uri())
+    try:
+        return mlflow.pyfunc.load_model(uri)
+    except (MlflowException, OSError) as e:
+        raise InvalidInput(f"cannot load {uri}: {str(e).splitlines()[0]}") from None
+
+
+def cmd_models_list(a: argparse.Namespace) -> int:
+    from pipelines import tracking
+
+    c = tracking.client()
+    rows = [("model", "version", "aliases", "family", "primary metric", "created")]
+    import datetime
+
+    for rm in c.search_registered_models():
+        aliases: dict[str, list[str]] = {}
+        for alias, v in (rm.aliases or {}).items():
+            aliases.setdefault(str(v), []).append(alias)
+        for mv in sorted(c.search_model_versions(f"name = '{rm.name}'"), key=lambda m: int(m.version)):
+            metric = mv.tags.get("primary_metric", "")
+            value = mv.tags.get(f"metric.{metric}", "")
+            created = datetime.datetime.fromtimestamp(mv.creation_timestamp / 1000).strftime("%Y-%m-%d %H:%M")
+            rows.append((rm.name, mv.version, ",".join(sorted(aliases.get(str(mv.version), []))) or "-",
+                         mv.tags.get("family", "?"), f"{metric}={value}" if metric else "-", created))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip())
+    return 0
+
+
+def cmd_ui(a: argparse.Namespace) -> int:
+    from pipelines import tracking
+
+    uri = tracking.tracking_uri()
+    cmd = [str(Path(sys.executable).with_name("mlflow")), "ui", "--backend-store-uri", uri,
+           "--host", a.host, "--port", str(a.port)]
+    if tracking.is_local_uri(uri):
+        cmd += ["--default-artifact-root", (tracking.genpipe_home() / "artifacts").as_uri()]
+    print(f"MLflow UI on http://{a.host}:{a.port} (tracking {uri})", file=sys.stderr, flush=True)
+    return subprocess.call(cmd)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="genpipe", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def spec_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--config", "-c", help="job spec YAML (jobs/*.yaml); defaults apply when omitted")
+        sp.add_argument("--set", action="append", metavar="KEY.SUB=VALUE", help="override a spec field; repeatable")
+        sp.add_argument("--address", help="Ray dashboard URL (default: RAY_ADDRESS, else a local head on 127.0.0.1)")
+
+    sp = sub.add_parser("pipeline", help="prepare -> train -> evaluate -> register, each a Ray job")
+    spec_args(sp)
+    sp.set_defaults(fn=cmd_pipeline, until="register")
+    for stage in STAGE_COMMANDS:
+        sp = sub.add_parser(stage, help=f"run the pipeline up to {stage} (earlier stages run if not cached)")
+        spec_args(sp)
+        sp.set_defaults(fn=cmd_pipeline, until=stage)
+
+    sp = sub.add_parser("sample", help="draw samples from a registered model")
+    sp.add_argument("model_uri", help="e.g. models:/NAME@champion or models:/NAME/3")
+    sp.add_argument("-n", type=int, default=64, help="number of images")
+    sp.add_argument("--out", required=True, help="grid.png or samples.npy (uint8 N,C,H,W)")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--label", type=int, default=None, help="class label, for conditional families")
+    sp.set_defaults(fn=cmd_sample)
+
+    sp = sub.add_parser("models", help="the model registry")
+    msub = sp.add_subparsers(dest="models_command", required=True)
+    lp = msub.add_parser("list", help="registered models and versions")
+    lp.set_defaults(fn=cmd_models_list)
+
+    sp = sub.add_parser("ui", help="serve the MLflow UI on 127.0.0.1")
+    sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--port", type=int, default=5000)
+    sp.set_defaults(fn=cmd_ui)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    from pipelines.tracking import Terminated
+
+    try:
+        return a.fn(a)
+    except InvalidInput as e:
+        print(f"genpipe: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except GateFailed as e:
+        print(f"genpipe: quality gate not met: {e}", file=sys.stderr)
+        return e.exit_code
+    except StageFailed as e:
+        print(f"genpipe: {e}", file=sys.stderr)
+        return e.exit_code
+    except (KeyboardInterrupt, Terminated):
+        print("genpipe: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

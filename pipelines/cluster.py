@@ -1,0 +1,160 @@
+"""The Ray head the stages run on: the one at --address / RAY_ADDRESS, or a
+local head this CLI starts on 127.0.0.1 (token auth on) and reuses; and the
+submission and following of stage jobs on it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipelines.errors import InvalidInput, StageFailed
+from pipelines.tracking import genpipe_home
+
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _alive(dashboard_url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{dashboard_url}/api/version", timeout=2):
+            return True
+    except Exception as e:  # 401 means alive but we lack the token: still a live head
+        return getattr(e, "code", None) == 401
+
+
+def _state_file() -> Path:
+    return genpipe_home() / "ray" / "head.json"
+
+
+def ray_bin() -> str:
+    # The venv's `ray`, so the head's workers run this interpreter with this package installed.
+    return str(Path(sys.executable).with_name("ray"))
+
+
+def start_local_head(num_cpus: int | None = None, log=print) -> str:
+    """A head on 127.0.0.1 with token auth, reused across invocations; returns its dashboard URL."""
+    state = _state_file()
+    if state.exists():
+        url = json.loads(state.read_text())["dashboard_url"]
+        if _alive(url):
+            return url
+    gcs_port, dash_port = _free_port(), _free_port()
+    url = f"http://127.0.0.1:{dash_port}"
+    cpus = num_cpus or os.cpu_count() or 1
+    env = _head_env()
+    log(f"starting a local Ray head at {url} ({cpus} CPUs)")
+    cmd = [ray_bin(), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
+           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", f"--num-cpus={cpus}",
+           "--disable-usage-stats", "--include-dashboard=true"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise StageFailed(f"could not start a local Ray head:\n{proc.stderr[-2000:]}")
+    state.parent.mkdir(parents=True, exist_ok=True)
+    state.write_text(json.dumps({"dashboard_url": url, "gcs_address": f"127.0.0.1:{gcs_port}"}))
+    for _ in range(60):
+        if _alive(url):
+            return url
+        time.sleep(0.5)
+    raise StageFailed(f"the local Ray head did not answer at {url}")
+
+
+def stop_local_head() -> None:
+    state = _state_file()
+    if state.exists():
+        gcs = json.loads(state.read_text())["gcs_address"]
+        subprocess.run([ray_bin(), "stop", f"--address={gcs}", "--force"], capture_output=True)
+        state.unlink()
+
+
+def _head_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("RAY_AUTH_MODE", "token")
+    # Job entrypoints call `python`: make it this interpreter.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def resolve_address(address: str | None, log=print) -> tuple[str, bool]:
+    """(dashboard URL, is_local) from --address, RAY_ADDRESS, or a local head."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        _ensure_token()
+        return start_local_head(log=log), True
+    if not re.match(r"^https?://", address):
+        raise InvalidInput(f"--address {address!r}: give the Ray dashboard URL, e.g. http://head:8265")
+    host = re.sub(r"^https?://", "", address).split(":")[0].split("/")[0]
+    return address.rstrip("/"), host in ("127.0.0.1", "localhost", "::1")
+
+
+def _ensure_token() -> None:
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return
+    if not (Path.home() / ".ray" / "auth_token").exists():
+        subprocess.run([ray_bin(), "get-auth-token", "--generate"], capture_output=True)
+
+
+@dataclass
+class Cluster:
+    """Submits stage jobs to one Ray head and follows them to the end."""
+
+    address: str
+    log: callable = print
+
+    def __post_init__(self):
+        from ray.job_submission import JobSubmissionClient
+
+        try:
+            self.client = JobSubmissionClient(self.address)
+        except Exception as e:
+            raise InvalidInput(f"cannot reach the Ray job API at {self.address}: {str(e).splitlines()[0]}") from None
+
+    def run(self, stage: str, args: list[str], *, env: dict[str, str], num_gpus: float = 0) -> None:
+        """Run `python -m pipelines.stages STAGE ARGS` as a job; print its log; raise on failure."""
+        job_id = f"genpipe-{stage}-{uuid.uuid4().hex[:8]}"
+        entrypoint = " ".join(["python", "-m", "pipelines.stages", stage, *map(shlex.quote, args)])
+        self.client.submit_job(entrypoint=entrypoint, submission_id=job_id, runtime_env={"env_vars": env},
+                               entrypoint_num_gpus=num_gpus or None)
+        self.log(f"[{stage}] job {job_id} submitted")
+        shown = 0
+        try:
+            while True:
+                status = str(self.client.get_job_status(job_id).value)
+                logs = self.client.get_job_logs(job_id)
+                for line in logs[shown:].splitlines():
+                    self.log(f"[{stage}] {line}")
+                shown = len(logs)
+                if status in TERMINAL:
+                    break
+                time.sleep(0.5)
+        except BaseException:
+            self.log(f"[{stage}] stopping job {job_id}")
+            self.client.stop_job(job_id)
+            for _ in range(40):
+                if str(self.client.get_job_status(job_id).value) in TERMINAL:
+                    break
+                time.sleep(0.25)
+            raise
+        if status != "SUCCEEDED":
+            info = self.client.get_job_info(job_id)
+            tail = "\n".join(logs.splitlines()[-30:])
+            invalid = re.search(r"^genpipe: invalid input: (.*)$", logs, re.M)
+            if invalid:
+                raise InvalidInput(f"{stage}: {invalid.group(1)}")
+            why = (info.message or status).split(",")[0]
+            raise StageFailed(f"stage {stage} failed ({why}); last log lines:\n{tail}")

@@ -1,0 +1,125 @@
+"""The evaluate stage: sample from the trained model and score the samples
+with the extractor fitted in prepare, against the test split's statistics.
+
+Every number is logged with the hashes of the extractor and of the reference
+statistics, and with the sample count: FID is biased by n, so two FIDs are
+comparable only when all three agree.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torchvision.utils import make_grid, save_image
+
+from gen_models import registry
+from gen_models.base import GenerativeModel
+from pipelines import data as datasets
+from pipelines import metrics, storage
+from pipelines.config import PipelineSpec
+
+
+def load_model(checkpoint_uri: str) -> GenerativeModel:
+    """The model saved in a train checkpoint directory (local path or s3://)."""
+    import json
+
+    d = _local_copy(checkpoint_uri)
+    meta = json.loads((d / "meta.json").read_text())
+    model = registry.build(meta["family"], meta["config"])
+    model.load_state_dict(load_file(d / "model.safetensors"))
+    return model.eval()
+
+
+def _local_copy(uri: str) -> Path:
+    if not storage.is_s3(uri):
+        return Path(uri)
+    d = Path(tempfile.mkdtemp(prefix="genpipe-ckpt-"))
+    for name in ("meta.json", "model.safetensors"):
+        (d / name).write_bytes(storage.read_bytes(storage.join(uri, name)))
+    return d
+
+
+@torch.no_grad()
+def draw(model: GenerativeModel, n: int, *, batch_size: int, seed: int, labels: torch.Tensor | None = None) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(0, n, batch_size):
+        lab = None if labels is None else labels[i:i + batch_size]
+        out.append(model.sample(min(batch_size, n - i), labels=lab, generator=g))
+    return torch.cat(out)
+
+
+def grid_png(images: torch.Tensor) -> bytes:
+    buf = io.BytesIO()
+    save_image(make_grid(images, nrow=int(math.ceil(math.sqrt(len(images)))), padding=2, pad_value=1.0),
+               buf, format="png")
+    return buf.getvalue()
+
+
+@torch.no_grad()
+def bits_per_dim(model: GenerativeModel, x: torch.Tensor, batch_size: int = 1000) -> float:
+    """-log p(x) / (D ln 2) + 8: the density on [0, 1]^D rescaled to 8-bit values."""
+    nll = torch.cat([-model.log_prob(x[i:i + batch_size].float() / 255) for i in range(0, len(x), batch_size)])
+    dims = x[0].numel()
+    return float(nll.mean() / (dims * math.log(2)) + 8)
+
+
+def run(spec: PipelineSpec, prepared: dict, checkpoint_uri: str, *, out_uri: str, run_id: str,
+        tracking_uri: str) -> dict:
+    from mlflow.tracking import MlflowClient
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    model = load_model(checkpoint_uri)
+    extractor = metrics.load_extractor(storage.read_verified(prepared["extractor"]["uri"],
+                                                             prepared["extractor"]["sha256"]))
+    ref = metrics.ReferenceStats.from_bytes(storage.read_verified(prepared["reference"]["uri"],
+                                                                  prepared["reference"]["sha256"]))
+    n = spec.evaluate.num_samples
+    t0 = time.perf_counter()
+    samples = draw(model, n, batch_size=spec.evaluate.batch_size, seed=spec.seed)
+    sample_s = time.perf_counter() - t0
+    feats, logits = metrics.extract(extractor, samples)
+    kid_mean, kid_std = metrics.kid(feats, ref.features, subset_size=min(1000, n, len(ref.features)))
+    is_mean, is_std = metrics.inception_score(logits)
+    precision, recall = metrics.precision_recall(ref.features[:n], feats[:len(ref.features)])
+    results = {
+        "fid": metrics.fid(*_stats(feats), ref.mu, ref.sigma),
+        "kid": kid_mean, "kid_std": kid_std, "is": is_mean, "is_std": is_std,
+        "precision": precision, "recall": recall,
+        "sample_img_per_s": n / sample_s,
+    }
+    if model.has_log_prob:
+        x_test, _ = datasets.load_split(prepared["data"], "test")
+        results["bits_per_dim"] = bits_per_dim(model, x_test)
+
+    png = grid_png(samples[:spec.evaluate.grid_size])
+    grid_uri = storage.join(out_uri, "samples.png")
+    storage.write_bytes(grid_uri, png)
+
+    c = MlflowClient(tracking_uri)
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    c.log_batch(run_id, metrics=[Metric(f"eval/{k}", float(v), now, 0) for k, v in results.items()])
+    tags = {"extractor_hash": prepared["extractor"]["sha256"], "reference_hash": prepared["reference"]["sha256"],
+            "eval_num_samples": str(n)}
+    if model.has_log_prob:
+        tags["bits_per_dim_kind"] = "bound" if model.log_prob_is_bound else "exact"
+    for k, v in tags.items():
+        c.set_tag(run_id, f"genpipe.{k}", v)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "samples.png").write_bytes(png)
+        c.log_artifact(run_id, str(Path(tmp) / "samples.png"))
+    return {"metrics": results, "grid": grid_uri, "checkpoint": checkpoint_uri,
+            "primary_metric": list(model.primary_metric), **tags}
+
+
+def _stats(f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return f.mean(0), np.cov(f, rowvar=False)

@@ -1,0 +1,145 @@
+"""What a stage's Ray job runs: `python -m pipelines.stages STAGE --spec URI ...`.
+
+A stage reads the spec and its input manifests by URI, does its work, and
+ends by writing its own manifest (inputs, outputs, key, code version, run id).
+The manifest is written last and atomically, so its presence means the stage
+finished; the driver skips a stage whose manifest carries the same key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pipelines import storage
+from pipelines.config import PipelineSpec
+from pipelines.errors import InvalidInput
+
+STAGES = ("prepare", "train", "evaluate", "register")
+
+
+def code_version() -> str:
+    from importlib.metadata import version
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+                             capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        sha = ""
+    return f"{version('genpipe')}+{sha}" if sha else version("genpipe")
+
+
+def read_json(uri: str) -> dict:
+    try:
+        return json.loads(storage.read_bytes(uri))
+    except FileNotFoundError:
+        raise InvalidInput(f"{uri} is missing") from None
+    except json.JSONDecodeError:
+        raise InvalidInput(f"{uri} is not valid JSON (corrupt?)") from None
+
+
+def prepare(spec: PipelineSpec, root: str, run_id: str, tracking_uri: str) -> dict:
+    """Source -> shards (content-hashed); extractor and reference statistics once per data hash."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.tracking import MlflowClient
+
+    from pipelines import data as datasets
+    from pipelines import metrics
+
+    d = spec.data
+    raw = datasets.load_source(d.source, d.root)
+    out = storage.join(root, "datasets", f"{d.source}-{spec.hash('data', 'seed')}")
+    print(f"sharding {d.source}: {len(raw.x_train)} train, {len(raw.x_test)} test images -> {out}", flush=True)
+    manifest = datasets.split_and_shard(raw, val_fraction=d.val_fraction, seed=spec.seed,
+                                        shard_size=d.shard_size, out_uri=out)
+    data_hash = manifest["data_hash"]
+
+    ext_dir = storage.join(root, "extractors", f"{data_hash[:32]}-e{spec.extractor.epochs}")
+    ext_uri, ref_uri, info_uri = (storage.join(ext_dir, n) for n in ("extractor.safetensors", "reference.npz",
+                                                                      "extractor.json"))
+    if storage.exists(info_uri):
+        info = json.loads(storage.read_bytes(info_uri))
+        print(f"extractor for data {data_hash[:12]} already fitted (accuracy {info['test_accuracy']:.4f})", flush=True)
+    else:
+        x, y = datasets.load_split(manifest, "train")
+        xt, yt = datasets.load_split(manifest, "test")
+        t0 = time.perf_counter()
+        ext, acc = metrics.train_extractor(x, y, num_classes=manifest["num_classes"], epochs=spec.extractor.epochs,
+                                           seed=spec.seed, x_test=xt, y_test=yt)
+        feats, _ = metrics.extract(ext, xt.float() / 255)
+        ref = metrics.reference_stats(feats)
+        ext_bytes, ref_bytes = metrics.save_extractor(ext), ref.to_bytes()
+        storage.write_bytes(ext_uri, ext_bytes)
+        storage.write_bytes(ref_uri, ref_bytes)
+        info = {"test_accuracy": acc, "extractor_sha256": storage.sha256(ext_bytes),
+                "reference_sha256": storage.sha256(ref_bytes), "seconds": time.perf_counter() - t0}
+        storage.write_bytes(info_uri, json.dumps(info).encode())  # last: marks the pair complete
+        print(f"extractor fitted in {info['seconds']:.0f}s: test accuracy {acc:.4f}", flush=True)
+
+    c = MlflowClient(tracking_uri)
+    c.log_metric(run_id, "extractor/test_accuracy", info["test_accuracy"])
+    c.set_tag(run_id, "genpipe.data_hash", data_hash)
+    ds = MetaDataset(source=resolve_dataset_source(out), name=f"{d.source}-train", digest=data_hash[:32])
+    c.log_inputs(run_id, [DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "training")])])
+    return {"data": manifest,
+            "extractor": {"uri": ext_uri, "sha256": info["extractor_sha256"], "test_accuracy": info["test_accuracy"]},
+            "reference": {"uri": ref_uri, "sha256": info["reference_sha256"]}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipelines.stages")
+    p.add_argument("stage", choices=STAGES)
+    p.add_argument("--spec", required=True, help="URI of the resolved spec JSON")
+    p.add_argument("--run-id", required=True, help="MLflow run this stage logs into")
+    p.add_argument("--key", required=True, help="cache key recorded in the manifest")
+    p.add_argument("--root", required=True, help="storage root")
+    p.add_argument("--inputs", nargs="*", default=[], help="manifests of the earlier stages, in order")
+    a = p.parse_args(argv)
+    try:
+        return _run(a)
+    except InvalidInput as e:
+        print(f"genpipe: invalid input: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+def _run(a: argparse.Namespace) -> int:
+    from pipelines.tracking import tracking_uri
+
+    spec = PipelineSpec.model_validate(read_json(a.spec))
+    inputs = {m["stage"]: m["outputs"] for m in map(read_json, a.inputs)}
+    uri = tracking_uri()
+    stage_dir = storage.join(a.root, spec.name, a.stage)
+    if a.stage == "prepare":
+        outputs = prepare(spec, a.root, a.run_id, uri)
+    elif a.stage == "train":
+        from pipelines import train
+
+        ckpt = train.run(spec, inputs["prepare"]["data"], run_id=a.run_id, tracking_uri=uri,
+                         storage_path=stage_dir, name=f"{spec.name}-{a.key}")
+        outputs = {"checkpoint": ckpt}
+    elif a.stage == "evaluate":
+        from pipelines import evaluate
+
+        outputs = evaluate.run(spec, inputs["prepare"], inputs["train"]["checkpoint"], out_uri=stage_dir,
+                               run_id=a.run_id, tracking_uri=uri)
+        outputs["run_id"] = a.run_id
+    else:
+        from pipelines import register
+
+        outputs = register.run(spec, inputs["prepare"], inputs["train"], inputs["evaluate"], run_id=a.run_id,
+                               tracking_uri=uri, code_version=code_version())
+    manifest = {"stage": a.stage, "key": a.key, "spec_hash": spec.hash(), "code_version": code_version(),
+                "run_id": a.run_id, "inputs": a.inputs, "outputs": outputs, "finished_at": time.time()}
+    storage.write_bytes(storage.join(stage_dir, "manifest.json"), json.dumps(manifest, indent=2).encode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

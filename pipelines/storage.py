@@ -1,0 +1,112 @@
+"""Where stages keep their outputs: a local directory or `s3://bucket/prefix`.
+
+Every write is atomic: a local file is written beside its target and renamed
+over it; an S3 object only appears once its PUT completes. So a reader sees a
+whole file or none, never half of one. Readers that care check the SHA-256 the
+manifest recorded.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import posixpath
+import tempfile
+from pathlib import Path
+
+from pipelines.errors import InvalidInput
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def validate(uri: str) -> str:
+    """Reject what is not a local path or an s3:// URI, and `..` escapes."""
+    if "://" in uri and not is_s3(uri):
+        raise InvalidInput(f"storage URI {uri!r}: only local paths and s3://bucket/prefix are supported")
+    rest = uri[len("s3://"):] if is_s3(uri) else uri
+    if is_s3(uri) and not rest.split("/", 1)[0]:
+        raise InvalidInput(f"storage URI {uri!r} has no bucket")
+    if ".." in Path(rest).parts:
+        raise InvalidInput(f"storage URI {uri!r} must not contain '..'")
+    return uri.rstrip("/") if is_s3(uri) else str(Path(uri).expanduser().resolve())
+
+
+def join(base: str, *parts: str) -> str:
+    for p in parts:
+        if ".." in p.split("/") or p.startswith("/"):
+            raise InvalidInput(f"path part {p!r} would escape the storage root {base!r}")
+    return posixpath.join(base, *parts) if is_s3(base) else str(Path(base, *parts))
+
+
+@functools.cache
+def _s3():
+    import boto3
+    from botocore.config import Config
+
+    # Endpoint (AWS_ENDPOINT_URL) and credentials come from the environment only.
+    return boto3.client("s3", config=Config(retries={"mode": "standard", "max_attempts": 10}))
+
+
+def _split(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    return bucket, key
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    if is_s3(uri):
+        bucket, key = _split(uri)
+        _s3().put_object(Bucket=bucket, Key=key, Body=data)
+        return
+    path = Path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_bytes(uri: str) -> bytes:
+    if is_s3(uri):
+        bucket, key = _split(uri)
+        try:
+            return _s3().get_object(Bucket=bucket, Key=key)["Body"].read()
+        except _s3().exceptions.NoSuchKey:
+            raise FileNotFoundError(uri) from None
+    return Path(uri).read_bytes()
+
+
+def exists(uri: str) -> bool:
+    if is_s3(uri):
+        bucket, key = _split(uri)
+        try:
+            _s3().head_object(Bucket=bucket, Key=key)
+            return True
+        except _s3().exceptions.ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+    return Path(uri).exists()
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_verified(uri: str, expected_sha256: str) -> bytes:
+    """The bytes at `uri`, or InvalidInput when they are not what was written."""
+    try:
+        data = read_bytes(uri)
+    except FileNotFoundError:
+        raise InvalidInput(f"{uri} is missing") from None
+    if sha256(data) != expected_sha256:
+        raise InvalidInput(f"{uri} is corrupt: checksum {sha256(data)[:12]} != recorded {expected_sha256[:12]}")
+    return data

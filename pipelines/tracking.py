@@ -1,0 +1,101 @@
+"""MLflow: where runs go, the run tree of a pipeline, and run status on exit.
+
+The driver owns every run's status. Stage jobs and train workers log into a
+run id they are handed (MlflowClient, never the fluent `start_run`), so a job
+that dies cannot leave its own run half-closed, and the driver marks runs
+FAILED or KILLED on the way out.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from mlflow.entities import RunStatus
+from mlflow.tracking import MlflowClient
+
+KEY_TAG = "genpipe.key"
+
+
+def genpipe_home() -> Path:
+    return Path(os.environ.get("GENPIPE_HOME", ".genpipe")).expanduser().resolve()
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI when set, else a sqlite file under GENPIPE_HOME."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    home = genpipe_home()
+    home.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{home / 'mlflow.db'}"
+
+
+def is_local_uri(uri: str) -> bool:
+    return uri.startswith(("sqlite:", "file:", "/")) or "://" not in uri
+
+
+def client() -> MlflowClient:
+    uri = tracking_uri()
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def experiment_id(c: MlflowClient, name: str) -> str:
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    # A sqlite store has no server to hold artifacts: keep them beside it, not in ./mlruns.
+    location = (genpipe_home() / "artifacts" / name).as_uri() if is_local_uri(c.tracking_uri) else None
+    return c.create_experiment(name, artifact_location=location)
+
+
+def open_run(c: MlflowClient, exp_id: str, *, name: str, key: str,
+             parent_id: str | None = None, tags: dict[str, str] | None = None) -> str:
+    """The run named `name` with this cache key, reopened if a previous attempt left it; else a new one.
+
+    Reusing it is what makes a resubmitted pipeline continue in the same runs.
+    """
+    found = c.search_runs([exp_id], filter_string=f"tags.`{KEY_TAG}` = '{key}' and attributes.run_name = '{name}'",
+                          max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+        if found[0].info.status != "RUNNING":
+            c.update_run(run_id, status="RUNNING")
+        return run_id
+    all_tags = {KEY_TAG: key, **(tags or {})}
+    if parent_id:
+        all_tags["mlflow.parentRunId"] = parent_id
+    return c.create_run(exp_id, run_name=name, tags=all_tags).info.run_id
+
+
+class Terminated(BaseException):
+    """SIGTERM, turned into an exception so cleanup runs as for Ctrl-C."""
+
+
+@contextmanager
+def sigterm_as_exception() -> Iterator[None]:
+    def handler(signum, frame):
+        raise Terminated()
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+@contextmanager
+def run_status(c: MlflowClient, run_id: str) -> Iterator[None]:
+    """FINISHED on success, KILLED on Ctrl-C/SIGTERM, FAILED otherwise; never left RUNNING."""
+    try:
+        yield
+    except (KeyboardInterrupt, Terminated):
+        c.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
+        raise
+    except BaseException:
+        c.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+        raise
+    c.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))

@@ -1,0 +1,213 @@
+"""The train stage: Ray Train runs `train_loop` on every DDP worker.
+
+Each worker holds its shard of the training split in memory and draws
+batches by step number, so where training stands is one integer. Randomness
+is a function of (seed, rank, step) — reseeded every step — so a run resumed
+from a checkpoint at step k continues exactly as the uninterrupted run would
+have, with no RNG state to save. Checkpoints hold the weights (safetensors),
+optimizer states and the step; Ray Train writes them atomically to storage,
+keeps `num_to_keep`, and hands the latest back to a re-run with the same
+name (and to workers restarted after a failure).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from gen_models import registry
+from gen_models.base import GenerativeModel, StepContext
+from pipelines import data as datasets
+from pipelines.config import PipelineSpec
+
+
+class StepBatches:
+    """Batch `step` of an endless, epoch-wise shuffled pass over the data.
+
+    The global batch at a step is the same whatever the world size; rank r
+    takes its r-th contiguous slice. So 2 workers x b see exactly what
+    1 worker x 2b sees.
+    """
+
+    def __init__(self, x: Tensor, y: Tensor, *, global_batch: int, seed: int, rank: int, world: int):
+        self.x, self.y = x, y
+        self.n = len(x)
+        self.global_batch, self.seed, self.rank, self.world = global_batch, seed, rank, world
+        self.local = global_batch // world
+        self._perms: dict[int, Tensor] = {}
+
+    def _perm(self, epoch: int) -> Tensor:
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perms = {epoch: torch.randperm(self.n, generator=g)}  # one epoch at a time suffices
+        return self._perms[epoch]
+
+    def indices(self, step: int) -> Tensor:
+        start = step * self.global_batch + self.rank * self.local
+        pos = torch.arange(start, start + self.local)
+        epochs = pos // self.n
+        out = torch.empty(self.local, dtype=torch.long)
+        for e in epochs.unique().tolist():  # at most two epochs meet in one batch
+            mask = epochs == e
+            out[mask] = self._perm(e)[pos[mask] % self.n]
+        return out
+
+    def batch(self, step: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        idx = self.indices(step)
+        x = self.x[idx].to(device, non_blocking=True).float().div_(255)
+        return x, self.y[idx].to(device, non_blocking=True)
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    return (seed * 1_000_003 + rank * 7_919 + step) % (2**63)
+
+
+def save_checkpoint(model: GenerativeModel, ctx: StepContext, step: int, meta: dict[str, Any], path: Path) -> None:
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.plain_state_dict().items()},
+              path / "model.safetensors")
+    torch.save({name: opt.state_dict() for name, opt in ctx.optimizers.items()}, path / "optimizers.pt")
+    (path / "meta.json").write_text(json.dumps({**meta, "step": step}))
+
+
+def load_checkpoint(model: GenerativeModel, optimizers: dict, path: Path) -> int:
+    model.load_state_dict(load_file(path / "model.safetensors"))
+    states = torch.load(path / "optimizers.pt", weights_only=True)
+    for name, opt in optimizers.items():
+        opt.load_state_dict(states[name])
+    return json.loads((path / "meta.json").read_text())["step"]
+
+
+def _average_buffers(model: GenerativeModel) -> None:
+    """BatchNorm running stats drift apart per rank (no SyncBatchNorm on CPU): average them."""
+    world = dist.get_world_size()
+    for buf in model.buffers():
+        if buf.is_floating_point():
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+            buf.div_(world)
+
+
+def train_loop(cfg: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    spec = PipelineSpec.model_validate(cfg["spec"])
+    ctx_ray = ray.train.get_context()
+    rank, world = ctx_ray.get_world_rank(), ctx_ray.get_world_size()
+    torch.set_num_threads(spec.train.cpus_per_worker)
+    device = ray.train.torch.get_device()
+
+    manifest = cfg["data"]
+    x, y = datasets.load_split(manifest, "train")
+    c, h, _ = manifest["shape"]
+    model_cfg = spec.model.build_config(image_size=h, channels=c, num_classes=manifest["num_classes"])
+    torch.manual_seed(spec.seed)  # identical initial weights on every rank
+    model = registry.build(spec.model.family, model_cfg).to(device)
+    ctx = StepContext(optimizers=model.configure_optimizers(), grad_clip=spec.train.grad_clip)
+    meta = {"family": spec.model.family, "config": registry.config_dict(model_cfg), "seed": spec.seed}
+
+    start = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            start = load_checkpoint(model, ctx.optimizers, Path(d))
+        if rank == 0:
+            print(f"resuming from step {start}", file=sys.stderr, flush=True)
+
+    if spec.train.use_gpu:
+        for name, m in model.ddp_modules().items():
+            setattr(model, name, torch.nn.SyncBatchNorm.convert_sync_batchnorm(m))
+    model.wrap_ddp(lambda m: DDP(m, forward_sync_buffers=False,
+                                 device_ids=[device.index] if device.type == "cuda" else None))
+
+    batches = StepBatches(x, y, global_batch=spec.train.batch_size, seed=spec.seed, rank=rank, world=world)
+    logger = _MetricLogger(cfg["tracking_uri"], cfg["run_id"]) if rank == 0 else None
+    sums: dict[str, Tensor] = {}
+    window_start, window_steps = time.perf_counter(), 0
+
+    def report(step: int, with_checkpoint: bool) -> None:
+        nonlocal sums, window_start, window_steps
+        elapsed = time.perf_counter() - window_start
+        metrics = {f"train/{k}": float(v) / max(window_steps, 1) for k, v in sums.items()}
+        metrics["train/img_per_s"] = spec.train.batch_size * window_steps / max(elapsed, 1e-9)
+        metrics["step"] = step
+        if logger:
+            logger.log(metrics, step)
+            shown = " ".join(f"{k.removeprefix('train/')}={v:.4g}" for k, v in metrics.items() if k != "step")
+            print(f"step {step}/{spec.train.steps} {shown}", file=sys.stderr, flush=True)
+        if with_checkpoint:
+            _average_buffers(model)
+            with tempfile.TemporaryDirectory() as tmp:
+                if rank == 0:
+                    save_checkpoint(model, ctx, step, meta, Path(tmp))
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+                else:
+                    ray.train.report(metrics)
+        else:
+            ray.train.report(metrics)
+        sums, window_start, window_steps = {}, time.perf_counter(), 0
+
+    model.train()
+    for step in range(start, spec.train.steps):
+        torch.manual_seed(step_seed(spec.seed, rank, step))
+        ctx.step = step
+        out = model.training_step(batches.batch(step, device), ctx)
+        model.on_step_end(step + 1)
+        for k, v in out.items():  # summed as tensors: no host sync in the hot loop
+            sums[k] = sums.get(k, 0) + (v.detach() if isinstance(v, Tensor) else v)
+        window_steps += 1
+        done = step + 1
+        due_ckpt = done % spec.train.checkpoint_every == 0 or done == spec.train.steps
+        if due_ckpt or done % spec.train.log_every == 0:
+            report(done, due_ckpt)
+    if start >= spec.train.steps:  # re-run of a finished run: hand the final weights on again
+        report(start, True)
+
+
+class _MetricLogger:
+    """Rank 0's metric log into the train stage's MLflow run (run status stays the driver's)."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        from mlflow.tracking import MlflowClient
+
+        self.client, self.run_id = MlflowClient(tracking_uri), run_id
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items() if k != "step"])
+
+
+def run(spec: PipelineSpec, data_manifest: dict, *, run_id: str, tracking_uri: str,
+        storage_path: str, name: str) -> str:
+    """Fit with Ray Train; return the URI of the final checkpoint directory."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"spec": spec.to_dict(), "data": data_manifest, "run_id": run_id,
+                           "tracking_uri": tracking_uri},
+        torch_config=TorchConfig(backend="nccl" if spec.train.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=spec.train.num_workers, use_gpu=spec.train.use_gpu,
+                                     resources_per_worker={"CPU": spec.train.cpus_per_worker}),
+        run_config=RunConfig(
+            name=name, storage_path=storage_path,
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.train.num_to_keep),
+            failure_config=FailureConfig(max_failures=spec.train.max_failures)),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    ckpt = result.checkpoint
+    return f"s3://{ckpt.path}" if storage_path.startswith("s3://") else ckpt.path

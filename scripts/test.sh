@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Set up, then run the whole test suite. Extra arguments go to pytest.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh || exit 1
+.venv/bin/python -m pytest -q -ra --durations=15 "$@"
+rc=$?
+if [ "$rc" = 5 ]; then
+  echo "test.sh: pytest collected no tests: the set-up is broken" >&2
+  exit 1
+fi
+exit "$rc"
