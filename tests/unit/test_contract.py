@@ -1,0 +1,251 @@
+"""The GenerativeModel contract, checked for every family in the registry on its
+tiny() config. A new family joins by adding its line to FAMILIES; the few
+family-specific promises are at the end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from gen_models.base import GenerativeModel, StepContext
+from gen_models.registry import FAMILIES, build, config_dict
+from gen_models.vae.vae import VAE, BetaVAEConfig, VAEConfig
+
+SHAPES = [(8, 1), (8, 3), (28, 1), (28, 3)]  # (image_size, channels)
+LIKELIHOOD_FAMILIES = [f for f, (cls, _) in FAMILIES.items() if cls.log_prob is not GenerativeModel.log_prob]
+
+
+def make(family: str, image_size: int = 8, channels: int = 1, **overrides) -> GenerativeModel:
+    cls, cfg_cls = FAMILIES[family]
+    return cls(cfg_cls.tiny(image_size=image_size, channels=channels, **overrides))
+
+
+def random_batch(model: GenerativeModel, n: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    c = model.config
+    return torch.rand(n, c.channels, c.image_size, c.image_size), torch.randint(c.num_classes, (n,))
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+class FakeDDP(nn.Module):
+    """Adds the `.module` level DDP adds, and counts the calls that go through it."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+        self.calls = 0
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        return self.module(*args, **kwargs)
+
+
+# --- configs ---------------------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_default_config_builds_and_survives_json(family):
+    model = build(family)
+    cfg_cls = FAMILIES[family][1]
+    assert isinstance(model.config, cfg_cls)
+    # The pipeline stores configs as JSON next to the weights.
+    assert cfg_cls(**json.loads(json.dumps(config_dict(model.config)))) == model.config
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("bad", [{"image_size": 30}, {"image_size": 4}, {"channels": 2}, {"num_classes": 0}])
+def test_every_config_rejects_bad_data_shape(family, bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        FAMILIES[family][1].tiny(**bad)
+
+
+@pytest.mark.parametrize("family, bad", [
+    ("dcgan", {"z_dim": 0}), ("dcgan", {"g_channels": 0}), ("dcgan", {"d_channels": -1}),
+    ("dcgan", {"lr": 0.0}), ("dcgan", {"betas": (0.5, 1.0)}), ("dcgan", {"betas": (0.5,)}),
+    ("vae", {"encoder": "rnn"}), ("vae", {"hidden": 0}), ("vae", {"z_dim": 0}), ("vae", {"beta": 0.0}),
+    ("vae", {"kl_warmup_steps": -1}), ("vae", {"lr": -1e-3}),
+])
+def test_config_rejects_bad_values(family, bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        FAMILIES[family][1].tiny(**bad)
+
+
+# --- sampling --------------------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("image_size, channels", SHAPES)
+def test_sample_shape_dtype_range(family, image_size, channels):
+    model = make(family, image_size, channels)
+    x = model.sample(5)
+    assert x.shape == (5, channels, image_size, image_size)
+    assert x.dtype == torch.float32
+    assert torch.isfinite(x).all()
+    assert x.min() >= 0 and x.max() <= 1
+    assert x.std() > 0  # not a constant image
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("training", [True, False])
+def test_sample_leaves_the_mode_as_it_was(family, training):
+    model = make(family).train(training)
+    model.sample(2)
+    assert all(m.training == training for m in model.modules())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sample_is_determined_by_the_generator(family):
+    model = make(family, 8, 3)
+    a = model.sample(4, generator=seeded(1))
+    torch.rand(10)  # moving the global RNG must not matter
+    assert torch.equal(a, model.sample(4, generator=seeded(1)))
+    assert not torch.equal(a, model.sample(4, generator=seeded(2)))
+
+
+# --- training --------------------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_optimizers_cover_every_parameter_once(family):
+    model = make(family)
+    params = [p for opt in model.configure_optimizers().values() for g in opt.param_groups for p in g["params"]]
+    assert len(params) == len({id(p) for p in params})
+    assert {id(p) for p in params} == {id(p) for p in model.parameters()}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("image_size, channels", SHAPES)
+def test_training_step_is_finite_and_moves_every_optimizer(family, image_size, channels):
+    model = make(family, image_size, channels)
+    optimizers = model.configure_optimizers()
+    before = {name: [p.detach().clone() for g in opt.param_groups for p in g["params"]]
+              for name, opt in optimizers.items()}
+
+    metrics = model.training_step(random_batch(model), StepContext(optimizers=optimizers))
+
+    assert metrics
+    for key, value in metrics.items():
+        assert torch.isfinite(torch.as_tensor(value)).all(), key
+        assert not (isinstance(value, torch.Tensor) and value.requires_grad), f"{key} keeps its graph"
+    for name, opt in optimizers.items():
+        after = [p for g in opt.param_groups for p in g["params"]]
+        unchanged = [i for i, (b, p) in enumerate(zip(before[name], after)) if torch.equal(b, p)]
+        assert not unchanged, f"optimizer {name!r} left parameters {unchanged} as they were"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_training_calls_the_wrapped_modules(family):
+    """The trainer swaps ddp_modules() for DDP wrappers: a model that kept a
+    reference to the bare module would silently skip the gradient all-reduce."""
+    model = make(family)
+    optimizers = model.configure_optimizers()  # built before wrapping, as the trainer does
+    model.wrap_ddp(FakeDDP)
+    wrappers = model.ddp_modules()
+    assert wrappers and all(isinstance(w, FakeDDP) for w in wrappers.values())
+    before = [p.detach().clone() for p in model.parameters()]
+
+    model.training_step(random_batch(model), StepContext(optimizers=optimizers))
+
+    assert all(w.calls > 0 for w in wrappers.values()), {n: w.calls for n, w in wrappers.items()}
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+# --- checkpoints -----------------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("wrap", [None, lambda m: m, FakeDDP], ids=["bare", "identity", "fake_ddp"])
+def test_checkpoint_round_trip(family, wrap):
+    model = make(family, 8, 3)
+    model.training_step(random_batch(model), StepContext(optimizers=model.configure_optimizers()))
+    model.on_step_end(7)  # move any step-driven state off its initial value
+    if wrap is not None:
+        model.wrap_ddp(wrap)
+    if wrap is FakeDDP:
+        assert any(".module." in k for k in model.state_dict())  # the level plain_state_dict must strip
+
+    state = model.plain_state_dict()
+    fresh = make(family, 8, 3)
+    assert sorted(state) == sorted(fresh.state_dict())
+    fresh.load_state_dict(state)
+
+    for a, b in zip(model.plain_state_dict().values(), fresh.state_dict().values()):
+        assert torch.equal(a, b)
+    assert torch.equal(model.sample(4, generator=seeded(3)), fresh.sample(4, generator=seeded(3)))
+
+
+# --- likelihood --------------------------------------------------------------
+
+@pytest.mark.parametrize("family", LIKELIHOOD_FAMILIES)
+@pytest.mark.parametrize("image_size, channels", SHAPES)
+def test_log_prob_is_finite_per_image(family, image_size, channels):
+    model = make(family, image_size, channels)
+    assert model.has_log_prob
+    x, _ = random_batch(model, n=6)
+    lp = model.log_prob(x)
+    assert lp.shape == (6,)
+    assert lp.dtype == torch.float32
+    assert torch.isfinite(lp).all()
+
+
+@pytest.mark.parametrize("family", sorted(set(FAMILIES) - set(LIKELIHOOD_FAMILIES)))
+def test_no_log_prob_says_so(family):
+    model = make(family)
+    assert not model.has_log_prob
+    with pytest.raises(NotImplementedError):
+        model.log_prob(random_batch(model)[0])
+
+
+# --- family-specific promises ------------------------------------------------
+
+def test_dcgan_metrics_are_the_documented_ones():
+    model = make("dcgan")
+    metrics = model.training_step(random_batch(model), StepContext(optimizers=model.configure_optimizers()))
+    assert set(metrics) == {"loss_d", "loss_g", "d_real", "d_fake"}
+    assert 0 < float(metrics["d_real"]) < 1 and 0 < float(metrics["d_fake"]) < 1
+
+
+def test_vae_log_prob_ignores_beta_and_warmup():
+    """log_prob is the true bound; beta and the warm-up only weight the training loss."""
+    beta = VAE(BetaVAEConfig.tiny(image_size=8, kl_warmup_steps=100))
+    plain = VAE(VAEConfig.tiny(image_size=8))
+    beta.on_step_end(50)  # KL weight 4 * 50/100 = 2
+    plain.load_state_dict(beta.state_dict())
+    x, y = random_batch(beta, n=8)
+
+    def under_seed(fn):
+        torch.manual_seed(5)
+        return fn()
+
+    assert torch.equal(under_seed(lambda: beta.log_prob(x)), under_seed(lambda: plain.log_prob(x)))
+    loss_beta, m = under_seed(lambda: beta.loss((x, y)))
+    loss_plain, _ = under_seed(lambda: plain.loss((x, y)))
+    assert m["kl"] > 0.01
+    assert torch.allclose(loss_beta - loss_plain, m["kl"], atol=1e-4)  # weight 2 against weight 1
+
+
+def test_vae_kl_warmup_follows_the_step_and_survives_a_checkpoint():
+    model = VAE(BetaVAEConfig.tiny(beta=4.0, kl_warmup_steps=100))
+    assert float(model.kl_weight()) == 0.0
+    model.on_step_end(25)
+    assert float(model.kl_weight()) == pytest.approx(1.0)
+    resumed = VAE(BetaVAEConfig.tiny(beta=4.0, kl_warmup_steps=100))
+    resumed.load_state_dict(model.plain_state_dict())
+    assert float(resumed.kl_weight()) == pytest.approx(1.0)
+    resumed.on_step_end(1000)
+    assert float(resumed.kl_weight()) == pytest.approx(4.0)
+    assert float(VAE(VAEConfig.tiny(beta=1.0)).kl_weight()) == 1.0  # no warm-up: beta from step 0
+
+
+def test_vae_importance_samples_tighten_the_bound():
+    model = VAE(VAEConfig.tiny())
+    x, _ = random_batch(model, n=32)
+    elbo = torch.stack([model.log_prob(x) for _ in range(64)]).mean(0)
+    iwae = model.log_prob(x, importance_samples=64)
+    assert iwae.shape == (32,) and torch.isfinite(iwae).all()
+    # E[IWAE_K] >= ELBO (Burda et al. 2016); averaged over 32 images the gap is well above the noise
+    assert iwae.mean() > elbo.mean()
+    with pytest.raises(ValueError, match="importance_samples"):
+        model.log_prob(x, importance_samples=0)
+
