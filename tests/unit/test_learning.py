@@ -16,44 +16,12 @@ import importlib.util
 import pytest
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
 
-from gen_models.base import GenerativeModel, StepContext
+from gen_models.base import GenerativeModel
 from gen_models.registry import build
+from tests.unit.learning import fit
 
 pytestmark = pytest.mark.learning
-
-BATCH = 64
-
-
-@pytest.fixture(scope="module")
-def digits() -> dict[str, torch.Tensor]:
-    """Train / test split of the 1797 digits, images in [0, 1] from 17 grey levels."""
-    data = load_digits()
-    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16
-    y = torch.tensor(data.target)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    train, test = perm[:1400], perm[1400:]
-    return {"x_train": x[train], "y_train": y[train], "x_test": x[test], "y_test": y[test]}
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny nets on a shared 2-core machine: one thread avoids contention and is faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def fit(model: GenerativeModel, x: torch.Tensor, y: torch.Tensor, steps: int) -> None:
-    ctx = StepContext(optimizers=model.configure_optimizers())
-    for step in range(steps):
-        idx = torch.randint(len(x), (BATCH,))
-        ctx.step = step
-        model.training_step((x[idx], y[idx]), ctx)
-        model.on_step_end(step + 1)
-
 
 @pytest.mark.parametrize("family", ["vae", "conv_vae"])
 def test_vae_elbo_improves_on_test_digits(family, digits, one_thread):

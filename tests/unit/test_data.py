@@ -1,0 +1,130 @@
+import gzip
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines import data, storage
+from pipelines.errors import InvalidInput
+
+
+@pytest.fixture(scope="module")
+def digits() -> data.RawData:
+    return data.load_source("digits", None)
+
+
+def test_digits_shapes(digits):
+    assert digits.x_train.shape == (1437, 1, 8, 8) and digits.x_test.shape == (360, 1, 8, 8)
+    assert digits.x_train.dtype == np.uint8 and digits.y_train.dtype == np.int64
+    assert digits.x_train.max() == 255 and digits.x_train.min() == 0
+    assert set(np.unique(digits.y_test)) == set(range(10)) and digits.num_classes == 10
+    # the split is a fixed permutation: loading twice gives the same halves
+    again = data.load_source("digits", None)
+    assert np.array_equal(again.x_test, digits.x_test) and np.array_equal(again.y_train, digits.y_train)
+
+
+def test_split_is_deterministic_and_location_free(digits, tmp_path):
+    a = data.split_and_shard(digits, val_fraction=0.1, seed=0, shard_size=500, out_uri=str(tmp_path / "a"))
+    b = data.split_and_shard(digits, val_fraction=0.1, seed=0, shard_size=500, out_uri=str(tmp_path / "b"))
+    c = data.split_and_shard(digits, val_fraction=0.1, seed=1, shard_size=500, out_uri=str(tmp_path / "c"))
+    assert a["data_hash"] == b["data_hash"] != c["data_hash"]
+    # shard bytes are reproducible too, so their recorded checksums compare across runs
+    checksums = [[s["sha256"] for s in m["splits"]["train"]["shards"]] for m in (a, b)]
+    assert checksums[0] == checksums[1]
+    assert a["shape"] == [1, 8, 8] and a["num_classes"] == 10
+    assert {k: v["count"] for k, v in a["splits"].items()} == {"train": 1293, "val": 144, "test": 360}
+    assert [s["count"] for s in a["splits"]["train"]["shards"]] == [500, 500, 293]
+
+
+def _rows(x: np.ndarray, y: np.ndarray) -> list[bytes]:
+    """(image, label) pairs as sortable bytes, to compare datasets up to order."""
+    return sorted(map(bytes, np.concatenate([x.reshape(len(x), -1), y[:, None].astype(np.uint8)], 1)))
+
+
+def test_shards_round_trip(digits, tmp_path):
+    m = data.split_and_shard(digits, val_fraction=0.2, seed=3, shard_size=100, out_uri=str(tmp_path))
+    x_tr, y_tr = data.load_split(m, "train")
+    x_val, y_val = data.load_split(m, "val")
+    x_te, y_te = data.load_split(m, "test")
+    assert x_tr.dtype == torch.uint8 and y_tr.dtype == torch.int64
+    assert torch.equal(x_te, torch.from_numpy(digits.x_test)) and torch.equal(y_te, torch.from_numpy(digits.y_test))
+    # val is carved out of train: together they are the original train set, nothing lost or doubled
+    together = _rows(torch.cat([x_tr, x_val]).numpy(), torch.cat([y_tr, y_val]).numpy())
+    assert together == _rows(digits.x_train, digits.y_train)
+    # every shard is a plain npz
+    with np.load(m["splits"]["val"]["shards"][0]["uri"], allow_pickle=False) as npz:
+        assert npz["x"].dtype == np.uint8 and npz["y"].dtype == np.int64
+
+
+def test_ranks_partition_a_split(digits, tmp_path):
+    m = data.split_and_shard(digits, val_fraction=0.0, seed=0, shard_size=128, out_uri=str(tmp_path))
+    whole, _ = data.load_split(m, "train")
+    parts = [data.load_split(m, "train", rank=r, world_size=3)[0] for r in range(3)]
+    assert {len(p) for p in parts} == {len(whole) // 3}
+    assert torch.equal(torch.cat(parts), whole[: 3 * (len(whole) // 3)])
+    with pytest.raises(InvalidInput, match="rank"):
+        data.load_split(m, "train", rank=3, world_size=3)
+
+
+def test_corrupt_shard_is_invalid_input(digits, tmp_path):
+    m = data.split_and_shard(digits, val_fraction=0.1, seed=0, shard_size=500, out_uri=str(tmp_path))
+    shard = Path(m["splits"]["train"]["shards"][1]["uri"])
+    blob = bytearray(shard.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    shard.write_bytes(bytes(blob))
+    with pytest.raises(InvalidInput, match="is corrupt"):
+        data.load_split(m, "train")
+
+
+def test_truncated_npz_with_matching_checksum_is_invalid_input(digits, tmp_path):
+    # the checksum guards against bit rot; a manifest that vouches for a broken file must not crash either
+    m = data.split_and_shard(digits, val_fraction=0.1, seed=0, shard_size=5000, out_uri=str(tmp_path))
+    shard = m["splits"]["test"]["shards"][0]
+    truncated = Path(shard["uri"]).read_bytes()[:1000]
+    Path(shard["uri"]).write_bytes(truncated)
+    shard["sha256"] = storage.sha256(truncated)
+    with pytest.raises(InvalidInput, match="is corrupt"):
+        data.load_split(m, "test")
+
+
+def test_unknown_source_lists_the_allowed_ones():
+    with pytest.raises(InvalidInput, match="fashion_mnist, mnist, digits"):
+        data.load_source("imagenet", None)
+
+
+def test_missing_files_name_the_paths_tried(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("network is unreachable")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    tried = f"no idx files in {tmp_path}/MNIST/raw, {tmp_path}, and the download into .*failed"
+    with pytest.raises(InvalidInput, match=tried):
+        data.load_source("mnist", str(tmp_path))
+    with pytest.raises(InvalidInput, match="not found in nowhere"):
+        data.load_source("mnist", None)
+
+
+def test_truncated_idx_file_is_invalid_input(tmp_path):
+    def idx(a: np.ndarray) -> bytes:
+        return bytes([0, 0, 8, a.ndim]) + np.array(a.shape, ">u4").tobytes() + a.tobytes()
+
+    x, y = np.zeros((4, 28, 28), np.uint8), np.arange(4, dtype=np.uint8)
+    for stem, a in [("train-images-idx3-ubyte", x), ("train-labels-idx1-ubyte", y),
+                    ("t10k-images-idx3-ubyte", x), ("t10k-labels-idx1-ubyte", y)]:
+        (tmp_path / f"{stem}.gz").write_bytes(gzip.compress(idx(a)))
+    raw = data.load_source("mnist", str(tmp_path))
+    assert raw.x_train.shape == (4, 1, 28, 28) and raw.y_test.tolist() == [0, 1, 2, 3]
+
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx(x))[:-20])
+    with pytest.raises(InvalidInput, match="t10k-images"):
+        data.load_source("mnist", str(tmp_path))
+
+
+@pytest.mark.skipif(not data.DEBIAN_FASHION_MNIST.is_dir(), reason="no Debian fashion-mnist package")
+def test_fashion_mnist_from_debian_dir():
+    raw = data.load_source("fashion_mnist", None)
+    assert raw.x_train.shape == (60000, 1, 28, 28) and raw.x_test.shape == (10000, 1, 28, 28)
+    assert raw.y_train.dtype == np.int64 and np.bincount(raw.y_test).tolist() == [1000] * 10
