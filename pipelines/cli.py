@@ -99,8 +99,6 @@ def cmd_ui(a: argparse.Namespace) -> int:
     uri = tracking.tracking_uri()
     cmd = [str(Path(sys.executable).with_name("mlflow")), "ui", "--backend-store-uri", uri,
            "--host", a.host, "--port", str(a.port)]
-    if tracking.is_local_uri(uri):
-        cmd += ["--default-artifact-root", (tracking.genpipe_home() / "artifacts").as_uri()]
     print(f"MLflow UI on http://{a.host}:{a.port} (tracking {uri})", file=sys.stderr, flush=True)
     return subprocess.call(cmd)
 

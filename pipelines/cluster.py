@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -53,20 +54,39 @@ def start_local_head(num_cpus: int | None = None, log=print) -> str:
         url = json.loads(state.read_text())["dashboard_url"]
         if _alive(url):
             return url
+    cpus = num_cpus or os.cpu_count() or 1
+    for attempt in range(3):  # a free port can be taken between probing it and Ray binding it
+        try:
+            return _start_head(cpus, log)
+        except StageFailed:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start_head(cpus: int, log) -> str:
     gcs_port, dash_port = _free_port(), _free_port()
     url = f"http://127.0.0.1:{dash_port}"
-    cpus = num_cpus or os.cpu_count() or 1
     env = _head_env()
     log(f"starting a local Ray head at {url} ({cpus} CPUs)")
+    # Ports whose defaults are fixed get free ones, so two heads on one machine (a test
+    # suite's and a user's) don't fight over them.
+    fixed = ("ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+             "metrics-export-port", "runtime-env-agent-port")
     cmd = [ray_bin(), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", f"--num-cpus={cpus}",
-           "--disable-usage-stats", "--include-dashboard=true"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise StageFailed(f"could not start a local Ray head:\n{proc.stderr[-2000:]}")
+           "--disable-usage-stats", "--include-dashboard=true", *(f"--{p}={_free_port()}" for p in fixed)]
+    state = _state_file()
     state.parent.mkdir(parents=True, exist_ok=True)
-    state.write_text(json.dumps({"dashboard_url": url, "gcs_address": f"127.0.0.1:{gcs_port}"}))
-    for _ in range(60):
+    # `--block` keeps `ray start` in the foreground of its own session: stopping this head
+    # is then killing one process group, not `ray stop`, which stops every Ray on the machine.
+    log_file = open(state.parent / "head.log", "ab")
+    proc = subprocess.Popen([*cmd, "--block"], env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    state.write_text(json.dumps({"dashboard_url": url, "gcs_address": f"127.0.0.1:{gcs_port}", "pid": proc.pid}))
+    for _ in range(120):
+        if proc.poll() is not None:
+            raise StageFailed(f"could not start a local Ray head; see {state.parent / 'head.log'}")
         if _alive(url):
             return url
         time.sleep(0.5)
@@ -74,11 +94,37 @@ def start_local_head(num_cpus: int | None = None, log=print) -> str:
 
 
 def stop_local_head() -> None:
+    """Stop the head this CLI started (only it: other Ray clusters on the machine keep running)."""
     state = _state_file()
-    if state.exists():
-        gcs = json.loads(state.read_text())["gcs_address"]
-        subprocess.run([ray_bin(), "stop", f"--address={gcs}", "--force"], capture_output=True)
-        state.unlink()
+    if not state.exists():
+        return
+    pid = json.loads(state.read_text()).get("pid")
+    state.unlink()
+    if not pid:
+        return
+    # `ray start --block` shuts its processes down on SIGINT (in ~2 s); SIGTERM it ignores.
+    for sig, wait in ((signal.SIGINT, 20), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        for _ in range(wait * 4):
+            if not _running(pid):
+                return
+            time.sleep(0.25)
+
+
+def _running(pid: int) -> bool:
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:  # our own child that exited: reap it
+            return False
+    except ChildProcessError:
+        pass  # not our child: started by an earlier genpipe
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
 
 
 def _head_env() -> dict[str, str]:
@@ -128,8 +174,15 @@ class Cluster:
         """Run `python -m pipelines.stages STAGE ARGS` as a job; print its log; raise on failure."""
         job_id = f"genpipe-{stage}-{uuid.uuid4().hex[:8]}"
         entrypoint = " ".join(["python", "-m", "pipelines.stages", stage, *map(shlex.quote, args)])
-        self.client.submit_job(entrypoint=entrypoint, submission_id=job_id, runtime_env={"env_vars": env},
-                               entrypoint_num_gpus=num_gpus or None)
+        for attempt in range(60):
+            try:
+                self.client.submit_job(entrypoint=entrypoint, submission_id=job_id, runtime_env={"env_vars": env},
+                                       entrypoint_num_gpus=num_gpus or None)
+                break
+            except RuntimeError as e:  # a head that just started has no job agent for a few seconds
+                if "No available agent" not in str(e) or attempt == 59:
+                    raise
+                time.sleep(0.5)
         self.log(f"[{stage}] job {job_id} submitted")
         shown = 0
         try:

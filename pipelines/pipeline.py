@@ -55,7 +55,7 @@ def run(spec: PipelineSpec, *, until: str = "register", address: str | None = No
         env["AWS_ENDPOINT_URL"] = os.environ["AWS_ENDPOINT_URL"]
 
     c = tracking.client()
-    exp = tracking.experiment_id(c, spec.name)
+    exp = tracking.experiment_id(c, spec.name, root)
     parent = tracking.open_run(c, exp, name=spec.name, key=spec.hash())
     runs, outputs, manifests = {"pipeline": parent}, {}, []
     echo(f"pipeline {spec.name}: MLflow run {parent} at {uri}; storage {root}")

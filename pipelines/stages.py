@@ -119,8 +119,11 @@ def _run(a: argparse.Namespace) -> int:
     if a.stage == "prepare":
         outputs = prepare(spec, a.root, a.run_id, uri)
     elif a.stage == "train":
+        from pipelines import data as datasets
         from pipelines import train
 
+        # Verify the shards here, where a bad one is a clean exit 2, not a failure inside every worker.
+        datasets.load_split(inputs["prepare"]["data"], "train")
         ckpt = train.run(spec, inputs["prepare"]["data"], run_id=a.run_id, tracking_uri=uri,
                          storage_path=stage_dir, name=f"{spec.name}-{a.key}")
         outputs = {"checkpoint": ckpt}

@@ -43,12 +43,15 @@ def client() -> MlflowClient:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def experiment_id(c: MlflowClient, name: str) -> str:
+def experiment_id(c: MlflowClient, name: str, storage_root: str) -> str:
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    # A sqlite store has no server to hold artifacts: keep them beside it, not in ./mlruns.
-    location = (genpipe_home() / "artifacts" / name).as_uri() if is_local_uri(c.tracking_uri) else None
+    # A sqlite store has no server to hold artifacts: keep them in the pipeline's storage, not in ./mlruns.
+    location = None
+    if is_local_uri(c.tracking_uri):
+        location = (f"{storage_root}/mlflow-artifacts/{name}" if storage_root.startswith("s3://")
+                    else (Path(storage_root) / "mlflow-artifacts" / name).as_uri())
     return c.create_experiment(name, artifact_location=location)
 
 

@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -95,6 +95,14 @@ def _average_buffers(model: GenerativeModel) -> None:
             buf.div_(world)
 
 
+def _rank_spread(model: GenerativeModel) -> float:
+    """Max minus min over ranks of a float64 parameter fingerprint: 0 when the ranks agree."""
+    fp = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
+    gathered = [torch.zeros_like(fp) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, fp)
+    return float(torch.cat(gathered).max() - torch.cat(gathered).min())
+
+
 def train_loop(cfg: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -131,46 +139,58 @@ def train_loop(cfg: dict[str, Any]) -> None:
 
     batches = StepBatches(x, y, global_batch=spec.train.batch_size, seed=spec.seed, rank=rank, world=world)
     logger = _MetricLogger(cfg["tracking_uri"], cfg["run_id"]) if rank == 0 else None
-    sums: dict[str, Tensor] = {}
-    window_start, window_steps = time.perf_counter(), 0
 
-    def report(step: int, with_checkpoint: bool) -> None:
-        nonlocal sums, window_start, window_steps
-        elapsed = time.perf_counter() - window_start
-        metrics = {f"train/{k}": float(v) / max(window_steps, 1) for k, v in sums.items()}
-        metrics["train/img_per_s"] = spec.train.batch_size * window_steps / max(elapsed, 1e-9)
-        metrics["step"] = step
+    def report(step: int, metrics: dict[str, float]) -> None:
+        metrics = {f"train/{k}": v for k, v in metrics.items()}
         if logger:
             logger.log(metrics, step)
-            shown = " ".join(f"{k.removeprefix('train/')}={v:.4g}" for k, v in metrics.items() if k != "step")
+            shown = " ".join(f"{k.removeprefix('train/')}={v:.4g}" for k, v in metrics.items())
             print(f"step {step}/{spec.train.steps} {shown}", file=sys.stderr, flush=True)
-        if with_checkpoint:
-            _average_buffers(model)
-            with tempfile.TemporaryDirectory() as tmp:
-                if rank == 0:
-                    save_checkpoint(model, ctx, step, meta, Path(tmp))
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-                else:
-                    ray.train.report(metrics)
-        else:
-            ray.train.report(metrics)
-        sums, window_start, window_steps = {}, time.perf_counter(), 0
+        if step % spec.train.checkpoint_every and step != spec.train.steps:
+            ray.train.report({**metrics, "step": step})
+            return
+        _average_buffers(model)
+        # A desync (e.g. a module called outside its DDP wrapper) shows up here, not in the samples.
+        metrics["train/rank_param_spread"] = _rank_spread(model)
+        with tempfile.TemporaryDirectory() as tmp:
+            if rank == 0:
+                save_checkpoint(model, ctx, step, meta, Path(tmp))
+                ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            else:
+                ray.train.report({**metrics, "step": step})
 
+    due = lambda done: (done % spec.train.log_every == 0 or done % spec.train.checkpoint_every == 0  # noqa: E731
+                        or done == spec.train.steps)
+    for step, metrics in run_steps(model, ctx, batches, start=start, stop=spec.train.steps, seed=spec.seed,
+                                   device=device, report_due=due):
+        report(step, metrics)
+    if start >= spec.train.steps:  # re-run of a finished run: hand the final weights on again
+        report(start, {})
+
+
+def run_steps(model: GenerativeModel, ctx: StepContext, batches: StepBatches, *, start: int, stop: int,
+              seed: int, device: torch.device, report_due) -> Iterator[tuple[int, dict[str, float]]]:
+    """The hot loop: steps `start`..`stop`, yielding (step, window means + img/s) when `report_due(step)`.
+
+    Metrics are summed as tensors, so no step waits on a host sync; time spent by
+    the consumer between yields is not counted in img_per_s.
+    """
     model.train()
-    for step in range(start, spec.train.steps):
-        torch.manual_seed(step_seed(spec.seed, rank, step))
+    sums: dict[str, Tensor | float] = {}
+    window, t0 = 0, time.perf_counter()
+    for step in range(start, stop):
+        torch.manual_seed(step_seed(seed, batches.rank, step))
         ctx.step = step
         out = model.training_step(batches.batch(step, device), ctx)
         model.on_step_end(step + 1)
-        for k, v in out.items():  # summed as tensors: no host sync in the hot loop
+        for k, v in out.items():
             sums[k] = sums.get(k, 0) + (v.detach() if isinstance(v, Tensor) else v)
-        window_steps += 1
-        done = step + 1
-        due_ckpt = done % spec.train.checkpoint_every == 0 or done == spec.train.steps
-        if due_ckpt or done % spec.train.log_every == 0:
-            report(done, due_ckpt)
-    if start >= spec.train.steps:  # re-run of a finished run: hand the final weights on again
-        report(start, True)
+        window += 1
+        if report_due(step + 1):
+            metrics = {k: float(v) / window for k, v in sums.items()}
+            metrics["img_per_s"] = batches.global_batch * window / (time.perf_counter() - t0)
+            yield step + 1, metrics
+            sums, window, t0 = {}, 0, time.perf_counter()
 
 
 class _MetricLogger:

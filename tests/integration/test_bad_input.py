@@ -1,0 +1,73 @@
+"""Bad input: exit code 2 and one clear line, no traceback, nothing already written harmed."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from tests.realparts import DIGITS, genpipe
+
+pytestmark = pytest.mark.integration
+
+
+def _one_clear_line(r, *needles: str) -> None:
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("genpipe: error:")]
+    assert len(errors) == 1, r.stderr[-2000:]
+    for n in needles:
+        assert n in errors[0], errors[0]
+
+
+@pytest.mark.parametrize("override, needles", [
+    ("train.stepz=3", ("unknown key 'train.stepz'", "steps")),
+    ("train.steps=abc", ("train.steps", "integer")),
+    ("model.family=nope", ("unknown family 'nope'", "dcgan")),
+    ("model.z_dimm=3", ("unknown key 'z_dimm'", "z_dim")),
+    ("train.batch_size=7", ("not divisible",)),
+    ("storage=ftp://host/x", ("only local paths and s3://",)),
+])
+def test_bad_spec_exits_2_with_one_line(home, override, needles):
+    _one_clear_line(genpipe(home, "pipeline", "--config", "jobs/smoke.yaml", "--set", override), *needles)
+
+
+def test_missing_spec_file(home):
+    _one_clear_line(genpipe(home, "pipeline", "--config", "jobs/nope.yaml"), "does not exist")
+
+
+def test_unreachable_ray_address(home):
+    _one_clear_line(genpipe(home, "pipeline", "--config", "jobs/smoke.yaml", "--address", "http://127.0.0.1:9"),
+                    "127.0.0.1:9")
+
+
+def test_missing_data_root(home, tmp_path):
+    r = genpipe(home, "prepare", "--config", "jobs/smoke.yaml", "--set", "name=bad-data",
+                "--set", "data.source=mnist", "--set", f"data.root={tmp_path / 'empty'}")
+    _one_clear_line(r, "prepare:")
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_corrupt_shard_is_refused_and_earlier_outputs_stay(home):
+    base = ["--config", "jobs/smoke.yaml", *DIGITS, "--set", "name=corrupt"]
+    assert genpipe(home, "prepare", *base).returncode == 0
+    storage = home["path"] / "storage"
+    shard = sorted((storage / "datasets").rglob("train-*.npz"))[0]
+    prepare_dir = storage / "corrupt" / "prepare"
+    before = _digest(prepare_dir)
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    try:
+        r = genpipe(home, "train", *base)
+        _one_clear_line(r, "corrupt")
+        assert _digest(prepare_dir) == before
+        assert not (storage / "corrupt" / "train" / "manifest.json").exists()
+    finally:
+        data[len(data) // 2] ^= 0xFF
+        shard.write_bytes(bytes(data))
