@@ -27,8 +27,8 @@ Metrics = dict[str, Tensor | float]
 class StepContext:
     """What a `training_step` may do to the optimizers.
 
-    The trainer owns this object so it keeps control of gradient clipping,
-    mixed precision and logging; models never call `optimizer.step()` or
+    The trainer owns this object so it keeps control of gradient clipping
+    (and, later, mixed precision) and logging; models never call `optimizer.step()` or
     `loss.backward()` themselves. `step` counts completed training steps, so
     schedules such as n_critic derive from it instead of mutating state.
     """
@@ -37,11 +37,9 @@ class StepContext:
     step: int = 0
     # Clip each optimizer's gradients to this global norm before stepping.
     grad_clip: float | None = None
-    # Set by the trainer under AMP with fp16; None otherwise (bf16 needs none).
-    scaler: torch.amp.GradScaler | None = None
 
     def backward(self, loss: Tensor, **kwargs: Any) -> None:
-        (self.scaler.scale(loss) if self.scaler else loss).backward(**kwargs)
+        loss.backward(**kwargs)
 
     def zero_grad(self, name: str) -> None:
         self.optimizers[name].zero_grad(set_to_none=True)
@@ -49,15 +47,9 @@ class StepContext:
     def step_optimizer(self, name: str) -> None:
         opt = self.optimizers[name]
         if self.grad_clip is not None:
-            if self.scaler:
-                self.scaler.unscale_(opt)
             params = [p for g in opt.param_groups for p in g["params"]]
             torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
-        if self.scaler:
-            self.scaler.step(opt)
-            self.scaler.update()
-        else:
-            opt.step()
+        opt.step()
 
 
 class GenerativeModel(nn.Module):

@@ -12,6 +12,7 @@ name (and to workers restarted after a failure).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import tempfile
@@ -68,7 +69,8 @@ class StepBatches:
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
-    return (seed * 1_000_003 + rank * 7_919 + step) % (2**63)
+    """A seed per (seed, rank, step), hashed so no two ranks' streams ever coincide."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{rank}:{step}".encode(), digest_size=8).digest(), "little") >> 1
 
 
 def save_checkpoint(model: GenerativeModel, ctx: StepContext, step: int, meta: dict[str, Any], path: Path) -> None:
@@ -142,16 +144,18 @@ def train_loop(cfg: dict[str, Any]) -> None:
 
     def report(step: int, metrics: dict[str, float]) -> None:
         metrics = {f"train/{k}": v for k, v in metrics.items()}
+        checkpoint_due = step % spec.train.checkpoint_every == 0 or step == spec.train.steps
+        if checkpoint_due:
+            _average_buffers(model)
+            # A desync (e.g. a module called outside its DDP wrapper) shows up here, not in the samples.
+            metrics["train/rank_param_spread"] = _rank_spread(model)
         if logger:
             logger.log(metrics, step)
             shown = " ".join(f"{k.removeprefix('train/')}={v:.4g}" for k, v in metrics.items())
             print(f"step {step}/{spec.train.steps} {shown}", file=sys.stderr, flush=True)
-        if step % spec.train.checkpoint_every and step != spec.train.steps:
+        if not checkpoint_due:
             ray.train.report({**metrics, "step": step})
             return
-        _average_buffers(model)
-        # A desync (e.g. a module called outside its DDP wrapper) shows up here, not in the samples.
-        metrics["train/rank_param_spread"] = _rank_spread(model)
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
                 save_checkpoint(model, ctx, step, meta, Path(tmp))

@@ -73,3 +73,36 @@ def test_smoke_pipeline_on_s3(home, moto_s3):
         assert f"runs/e2e-s3/{stage}/manifest.json" in keys
     assert any(k.endswith("model.safetensors") for k in keys)  # Ray Train checkpoints on S3
     assert any("mlflow-artifacts" in k and k.endswith("samples.png") for k in keys)  # MLflow artifacts on S3
+
+
+def test_ui_serves_mlflow_on_loopback(home):
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    from tests.realparts import GENPIPE, REPO
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([GENPIPE, "ui", "--port", str(port)], env=home["env"], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
+                    assert resp.status == 200
+                    break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, "mlflow ui did not come up"
+                time.sleep(0.5)
+        listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
+        assert "127.0.0.1:" in listening and "0.0.0.0" not in listening
+    finally:
+        import os
+        import signal
+
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)

@@ -6,6 +6,7 @@ import hashlib
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 from tests.realparts import DIGITS, genpipe
 
@@ -68,6 +69,16 @@ def test_corrupt_shard_is_refused_and_earlier_outputs_stay(home):
         _one_clear_line(r, "corrupt")
         assert _digest(prepare_dir) == before
         assert not (storage / "corrupt" / "train" / "manifest.json").exists()
+        c = MlflowClient(f"sqlite:///{home['path'] / 'mlflow.db'}")
+        runs = {r.info.run_name: r.info.status
+                for r in c.search_runs([c.get_experiment_by_name("corrupt").experiment_id])}
+        assert runs == {"corrupt": "FAILED", "corrupt/prepare": "FINISHED", "corrupt/train": "FAILED"}
     finally:
         data[len(data) // 2] ^= 0xFF
         shard.write_bytes(bytes(data))
+
+
+def test_remote_cluster_with_local_storage_is_refused(home):
+    # Refused before any connection is tried: `.invalid` never resolves.
+    r = genpipe(home, "pipeline", "--config", "jobs/smoke.yaml", "--address", "http://ray-head.invalid:8265")
+    _one_clear_line(r, "cannot see local storage")
