@@ -1,5 +1,5 @@
-"""Training on a real Ray head: DDP keeps ranks identical, sharding is exact,
-and an interrupted run resumes to the same result as an uninterrupted one."""
+"""Training on a real Ray head: DDP keeps ranks identical, and an interrupted
+run resumes to the same result as an uninterrupted one."""
 
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ def _final_checkpoint(home, name: str) -> Path:
     return Path(manifest["outputs"]["checkpoint"])
 
 
-def _train(home, name: str, *sets: str) -> subprocess.CompletedProcess:
-    args = ["train", "--config", "jobs/smoke.yaml", *DIGITS, "--set", f"name={name}"]
+def _train(home, name: str, *sets: str, config: str = "jobs/smoke.yaml") -> subprocess.CompletedProcess:
+    args = ["train", "--config", config, *DIGITS, "--set", f"name={name}"]
     for s in sets:
         args += ["--set", s]
     r = genpipe(home, *args)
@@ -45,19 +45,6 @@ def test_ddp_ranks_stay_identical(home):
     spread = c.get_metric_history(run.info.run_id, "train/rank_param_spread")
     assert [m.step for m in spread] == [10, 20, 30]
     assert all(m.value == 0.0 for m in spread)
-
-
-def test_two_workers_match_one_worker_with_the_same_global_batch(home):
-    common = ["model.family=vae", "train.steps=20", "train.batch_size=64", "train.checkpoint_every=20"]
-    _train(home, "vae-w1", *common, "train.num_workers=1")
-    _train(home, "vae-w2", *common, "train.num_workers=2")
-    one = load_file(_final_checkpoint(home, "vae-w1") / "model.safetensors")
-    two = load_file(_final_checkpoint(home, "vae-w2") / "model.safetensors")
-    assert one.keys() == two.keys()
-    untrained_gap = max((one[k] - 0).abs().max().item() for k in one)  # scale of the weights themselves
-    for k in one:
-        torch.testing.assert_close(one[k], two[k], rtol=1e-4, atol=1e-5, msg=k)
-    assert untrained_gap > 1e-3
 
 
 def test_interrupted_training_resumes_to_the_uninterrupted_result(home):
