@@ -4,8 +4,8 @@
     G: z -> (2g, s/4, s/4) -> (g, s/2, s/2) -> (C, s, s)    BatchNorm + ReLU, tanh out
     D: (C, s, s) -> (d, s/2, s/2) -> (2d, s/4, s/4) -> logit   LeakyReLU 0.2, BatchNorm after the first layer
 
-D returns a logit, not a probability: the losses below are binary cross-entropy
-with logits, written as softplus, which stays finite where sigmoid saturates.
+D returns a logit, not a probability; the update itself is the shared
+`nonsaturating_step` of gen_models.nn.adversarial.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gen_models.base import Batch, GenerativeModel, Metrics, StepContext, from_unit, noise, to_unit
+from gen_models.base import Batch, GenerativeModel, Metrics, StepContext, from_unit, noise
 from gen_models.config import ModelConfig
+from gen_models.nn.adversarial import nonsaturating_step, sample_generator
 from gen_models.nn.layers import dcgan_init_, downsample, upsample
 
 
@@ -86,38 +86,8 @@ class DCGAN(GenerativeModel):
     def training_step(self, batch: Batch, ctx: StepContext) -> Metrics:
         real = from_unit(batch[0])
         fake = self.generator(noise((real.shape[0], self.config.z_dim), device=real.device))
+        return nonsaturating_step(ctx, self.discriminator, real, fake)
 
-        # D ascends log D(x) + log(1 - D(G(z))). softplus(-l) = -log sigmoid(l) and
-        # softplus(l) = -log(1 - sigmoid(l)). G(z) is detached so D's loss stops at D.
-        ctx.zero_grad("discriminator")
-        logit_real = self.discriminator(real)
-        logit_fake = self.discriminator(fake.detach())
-        loss_d = F.softplus(-logit_real).mean() + F.softplus(logit_fake).mean()
-        ctx.backward(loss_d)
-        ctx.step_optimizer("discriminator")
-
-        # G ascends log D(G(z)) (non-saturating) rather than descending
-        # log(1 - D(G(z))), whose gradient vanishes while D still wins easily.
-        # This pass also leaves gradients on D; its next zero_grad discards them.
-        ctx.zero_grad("generator")
-        loss_g = F.softplus(-self.discriminator(fake)).mean()
-        ctx.backward(loss_g)
-        ctx.step_optimizer("generator")
-
-        return {"loss_d": loss_d.detach(), "loss_g": loss_g.detach(),
-                "d_real": torch.sigmoid(logit_real).mean().detach(),
-                "d_fake": torch.sigmoid(logit_fake).mean().detach()}
-
-    @torch.no_grad()
     def sample(self, n: int, *, labels: Tensor | None = None,
                generator: torch.Generator | None = None) -> Tensor:
-        # Bypass a DDP wrapper: its forward broadcasts BatchNorm buffers from
-        # rank 0, a collective that hangs when only one rank draws samples.
-        g = getattr(self.generator, "module", self.generator)
-        was_training = g.training
-        g.eval()  # running BatchNorm statistics: a sample does not depend on its batch
-        try:
-            device = next(g.parameters()).device
-            return to_unit(g(noise((n, self.config.z_dim), device=device, generator=generator)))
-        finally:
-            g.train(was_training)
+        return sample_generator(self.generator, n, self.config.z_dim, generator=generator)
