@@ -59,6 +59,8 @@ class GenerativeModel(nn.Module):
     primary_metric: ClassVar[tuple[str, str]] = ("fid", "min")
     # True when `log_prob` is a lower bound (an ELBO), not the exact likelihood.
     log_prob_is_bound: ClassVar[bool] = False
+    # True when `sample(labels=...)` honours the labels (class-conditional families).
+    conditional: ClassVar[bool] = False
 
     config: Any
 

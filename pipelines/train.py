@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import tempfile
 import time
@@ -152,7 +153,8 @@ def train_loop(cfg: dict[str, Any]) -> None:
         if logger:
             logger.log(metrics, step)
             shown = " ".join(f"{k.removeprefix('train/')}={v:.4g}" for k, v in metrics.items())
-            print(f"step {step}/{spec.train.steps} {shown}", file=sys.stderr, flush=True)
+            # Straight to fd 2: Ray Train's worker tees sys.stderr, which would print every line twice.
+            os.write(2, f"step {step}/{spec.train.steps} {shown}\n".encode())
         if not checkpoint_due:
             ray.train.report({**metrics, "step": step})
             return

@@ -15,7 +15,7 @@ with the projection.
 
 Training uses each batch's labels for its real and its fake images, so G sees
 labels at their frequency in the data. The update is the shared
-`nonsaturating_step` of gen_models.nn.adversarial.
+`nonsaturating_step` of gen_models.gan.adversarial.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from gen_models.base import Batch, GenerativeModel, Metrics, StepContext, from_unit, noise
+from gen_models.base import Batch, Metrics, StepContext, from_unit, noise
+from gen_models.gan.adversarial import AdversarialModel, nonsaturating_step, sample_generator
 from gen_models.gan.gan import GANConfig
-from gen_models.nn.adversarial import nonsaturating_step, sample_generator
 from gen_models.nn.mlp import mlp_features, mlp_generator
 
 
@@ -39,8 +39,7 @@ class CGANConfig(GANConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.embed_dim < 1:
-            raise ValueError(f"embed_dim must be >= 1, got {self.embed_dim}")
+        self.require_at_least_one("embed_dim")
 
     @classmethod
     def tiny(cls, **overrides) -> CGANConfig:
@@ -74,7 +73,7 @@ class ProjectionDiscriminator(nn.Module):
         return self.linear(h).squeeze(1) + (self.embed(y) * h).sum(1)
 
 
-class CGAN(GenerativeModel):
+class CGAN(AdversarialModel):
     """Conditional: `sample(n, labels=...)` draws images of the given labels."""
 
     # Tells the pipeline that labels matter to `sample` (GenerativeModel has no such flag yet).
@@ -85,13 +84,6 @@ class CGAN(GenerativeModel):
         self.config = config
         self.generator = ConditionalGenerator(config)
         self.discriminator = ProjectionDiscriminator(config)
-
-    def ddp_modules(self) -> dict[str, nn.Module]:
-        return {"generator": self.generator, "discriminator": self.discriminator}
-
-    def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {name: torch.optim.Adam(m.parameters(), lr=self.config.lr, betas=self.config.betas)
-                for name, m in self.ddp_modules().items()}
 
     def training_step(self, batch: Batch, ctx: StepContext) -> Metrics:
         x, y = batch

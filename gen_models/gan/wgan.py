@@ -30,9 +30,9 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from gen_models.base import Batch, GenerativeModel, Metrics, StepContext, from_unit, noise
+from gen_models.base import Batch, Metrics, StepContext, from_unit, noise
+from gen_models.gan.adversarial import AdversarialModel
 from gen_models.gan.gan import GANConfig
-from gen_models.nn.adversarial import sample_generator
 from gen_models.nn.mlp import mlp_features, mlp_generator
 
 
@@ -55,8 +55,7 @@ class WGANConfig(GANConfig):
         super().__post_init__()
         if self.variant not in ("clip", "gp"):
             raise ValueError(f"variant must be 'clip' or 'gp', got {self.variant!r}")
-        if self.n_critic < 1:
-            raise ValueError(f"n_critic must be >= 1, got {self.n_critic}")
+        self.require_at_least_one("n_critic")
         for name in ("clip_value", "gp_weight"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -88,7 +87,7 @@ def gradient_penalty(critic: nn.Module, real: Tensor, fake: Tensor) -> Tensor:
     return ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
 
 
-class WGAN(GenerativeModel):
+class WGAN(AdversarialModel):
     """Unconditional: `sample` ignores labels."""
 
     def __init__(self, config: WGANConfig):
@@ -106,17 +105,14 @@ class WGAN(GenerativeModel):
                                     nn.Flatten(0))
 
     def ddp_modules(self) -> dict[str, nn.Module]:
+        # "critic", not "discriminator": the name training_step's optimizer calls
+        # and existing checkpoints' keys use.
         return {"generator": self.generator, "critic": self.critic}
 
-    def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        cfg = self.config
-
-        def optimizer(m: nn.Module) -> torch.optim.Optimizer:
-            if cfg.variant == "clip":
-                return torch.optim.RMSprop(m.parameters(), lr=cfg.lr)
-            return torch.optim.Adam(m.parameters(), lr=cfg.lr, betas=cfg.betas)
-
-        return {name: optimizer(m) for name, m in self.ddp_modules().items()}
+    def build_optimizer(self, module: nn.Module) -> torch.optim.Optimizer:
+        if self.config.variant == "clip":
+            return torch.optim.RMSprop(module.parameters(), lr=self.config.lr)
+        return super().build_optimizer(module)
 
     def training_step(self, batch: Batch, ctx: StepContext) -> Metrics:
         cfg = self.config
@@ -154,7 +150,3 @@ class WGAN(GenerativeModel):
             ctx.step_optimizer("generator")
 
         return {"loss_critic": loss_critic.detach(), "wasserstein": wasserstein.detach(), **metrics}
-
-    def sample(self, n: int, *, labels: Tensor | None = None,
-               generator: torch.Generator | None = None) -> Tensor:
-        return sample_generator(self.generator, n, self.config.z_dim, generator=generator)
