@@ -82,3 +82,14 @@ def test_remote_cluster_with_local_storage_is_refused(home):
     # Refused before any connection is tried: `.invalid` never resolves.
     r = genpipe(home, "pipeline", "--config", "jobs/smoke.yaml", "--address", "http://ray-head.invalid:8265")
     _one_clear_line(r, "cannot see local storage")
+
+
+def test_sample_from_a_model_that_is_not_registered(home, tmp_path):
+    r = genpipe(home, "sample", "models:/no-such-model@champion", "-n", "4", "--out", str(tmp_path / "x.png"))
+    _one_clear_line(r, "cannot load models:/no-such-model@champion")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_sample_to_an_unknown_format(home, tmp_path):
+    r = genpipe(home, "sample", "models:/any@champion", "--out", str(tmp_path / "x.jpg"))
+    _one_clear_line(r, "must end in .png")
