@@ -70,7 +70,8 @@ class GenerativeModel(nn.Module):
         A GAN returns generator and discriminator apart: one DDP around both,
         called through `.module`, would skip the gradient all-reduce hooks.
         """
-        return {name: m for name, m in self.named_children()}
+        return {name: m for name, m in self.named_children()
+                if any(p.requires_grad for p in m.parameters())}
 
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         raise NotImplementedError

@@ -6,16 +6,29 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from gen_models.autoregressive.pixelcnn import PixelCNN, PixelCNNConfig
 from gen_models.base import GenerativeModel
 from gen_models.config import ModelConfig
+from gen_models.diffusion.ddpm import DDPM, DDPMConfig
+from gen_models.flow.realnvp import RealNVP, RealNVPConfig
+from gen_models.gan.cgan import CGAN, CGANConfig
 from gen_models.gan.dcgan import DCGAN, DCGANConfig
+from gen_models.gan.gan import GAN, GANConfig
+from gen_models.gan.wgan import WGAN, WGANConfig, WGANGPConfig
 from gen_models.vae.vae import VAE, BetaVAEConfig, ConvVAEConfig, VAEConfig
 
 FAMILIES: dict[str, tuple[type[GenerativeModel], type[ModelConfig]]] = {
+    "gan": (GAN, GANConfig),
+    "cgan": (CGAN, CGANConfig),
     "dcgan": (DCGAN, DCGANConfig),
+    "wgan": (WGAN, WGANConfig),
+    "wgan_gp": (WGAN, WGANGPConfig),
     "vae": (VAE, VAEConfig),
     "conv_vae": (VAE, ConvVAEConfig),
     "beta_vae": (VAE, BetaVAEConfig),
+    "ddpm": (DDPM, DDPMConfig),
+    "realnvp": (RealNVP, RealNVPConfig),
+    "pixelcnn": (PixelCNN, PixelCNNConfig),
 }
 
 
@@ -27,7 +40,8 @@ def config_class(family: str) -> type[ModelConfig]:
 
 def build(family: str, config: ModelConfig | dict[str, Any] | None = None) -> GenerativeModel:
     """The model of `family` from a config object or a dict of its fields."""
-    cls, cfg_cls = FAMILIES[family] if family in FAMILIES else (None, config_class(family))
+    cfg_cls = config_class(family)
+    cls = FAMILIES[family][0]
     if config is None:
         config = cfg_cls()
     elif isinstance(config, dict):

@@ -48,11 +48,12 @@ def _local_copy(uri: str) -> Path:
 
 @torch.no_grad()
 def draw(model: GenerativeModel, n: int, *, batch_size: int, seed: int, labels: torch.Tensor | None = None) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    g = torch.Generator(device=device).manual_seed(seed)
     out = []
     for i in range(0, n, batch_size):
         lab = None if labels is None else labels[i:i + batch_size]
-        out.append(model.sample(min(batch_size, n - i), labels=lab, generator=g))
+        out.append(model.sample(min(batch_size, n - i), labels=lab, generator=g).cpu())
     return torch.cat(out)
 
 
@@ -66,7 +67,9 @@ def grid_png(images: torch.Tensor) -> bytes:
 @torch.no_grad()
 def bits_per_dim(model: GenerativeModel, x: torch.Tensor, batch_size: int = 1000) -> float:
     """-log p(x) / (D ln 2) + 8: the density on [0, 1]^D rescaled to 8-bit values."""
-    nll = torch.cat([-model.log_prob(x[i:i + batch_size].float() / 255) for i in range(0, len(x), batch_size)])
+    device = next(model.parameters()).device
+    nll = torch.cat([-model.log_prob(x[i:i + batch_size].to(device).float() / 255).cpu()
+                     for i in range(0, len(x), batch_size)])
     dims = x[0].numel()
     return float(nll.mean() / (dims * math.log(2)) + 8)
 
@@ -75,8 +78,8 @@ def run(spec: PipelineSpec, prepared: dict, checkpoint_uri: str, *, out_uri: str
         tracking_uri: str) -> dict:
     from mlflow.tracking import MlflowClient
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    model = load_model(checkpoint_uri)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(checkpoint_uri).to(device)
     extractor = metrics.load_extractor(storage.read_verified(prepared["extractor"]["uri"],
                                                              prepared["extractor"]["sha256"]))
     ref = metrics.ReferenceStats.from_bytes(storage.read_verified(prepared["reference"]["uri"],

@@ -90,9 +90,13 @@ def load_checkpoint(model: GenerativeModel, optimizers: dict, path: Path) -> int
 
 
 def _average_buffers(model: GenerativeModel) -> None:
-    """BatchNorm running stats drift apart per rank (no SyncBatchNorm on CPU): average them."""
+    """BatchNorm running stats drift apart per rank (no SyncBatchNorm on CPU): average them.
+
+    Only the DDP-wrapped modules' buffers: anything else (EMA weights, schedules)
+    is computed identically on every rank already.
+    """
     world = dist.get_world_size()
-    for buf in model.buffers():
+    for buf in (b for m in model.ddp_modules().values() for b in m.buffers()):
         if buf.is_floating_point():
             dist.all_reduce(buf, op=dist.ReduceOp.SUM)
             buf.div_(world)

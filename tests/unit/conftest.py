@@ -16,9 +16,12 @@ def digits() -> dict[str, torch.Tensor]:
     return {"x_train": x[train], "y_train": y[train], "x_test": x[test], "y_test": y[test]}
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True, scope="session")
 def one_thread():
-    """Tiny nets on a shared 2-core machine: one thread avoids contention and is faster."""
+    """Tiny nets on a 2-core machine: one thread avoids contention and is faster.
+
+    Session-wide, so module fixtures see the same thread count as the tests
+    (CPU float results depend on it)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -1,0 +1,164 @@
+"""Denoising diffusion probabilistic model (Ho et al. 2020), with the cosine
+schedule (Nichol & Dhariwal 2021) and DDIM sampling (Song et al. 2020) as options.
+
+    training:  x_0 in [-1, 1],  t ~ U{1..T},  eps ~ N(0, I),  x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps
+               loss = || eps - eps_theta(x_t, t) ||^2        (Ho et al.'s L_simple, eq. 14)
+    sampling:  x_T ~ N(0, I), then the reverse chain with eps_theta in place of the true noise
+
+The network eps_theta is a UNet that sees t through a sinusoidal embedding in
+every residual block. Samples come from an exponential moving average of its
+weights, which are far less noisy than the last iterate (Ho et al. sample from
+EMA 0.9999). The EMA copy holds its weights as buffers: it is saved and loaded
+with the model's state dict, but is no parameter, so no optimizer steps it and
+DDP never wraps it. Unconditional: `sample` ignores labels.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gen_models.base import Batch, GenerativeModel, Metrics, from_unit, to_unit
+from gen_models.config import ModelConfig
+from gen_models.diffusion.samplers import ddim_sample, ddpm_sample
+from gen_models.diffusion.schedules import NoiseSchedule, cosine_betas, linear_betas
+from gen_models.nn.unet import NORM_GROUPS, UNet
+
+
+@dataclass(kw_only=True)
+class DDPMConfig(ModelConfig):
+    timesteps: int = 1000
+    """Length T of the diffusion chain."""
+    schedule: Literal["linear", "cosine"] = "linear"
+    """Noise schedule: Ho et al.'s linear betas, or Nichol & Dhariwal's cosine abar
+    (better at low resolution, where the linear one wastes its last steps on pure noise)."""
+    beta_start: float = 1e-4
+    """First beta of the linear schedule, as for T = 1000; scaled by 1000 / timesteps."""
+    beta_end: float = 0.02
+    """Last beta of the linear schedule, as for T = 1000; scaled by 1000 / timesteps."""
+    base_channels: int = 64
+    """UNet width at full resolution; a multiple of 8 (the GroupNorm groups)."""
+    channel_mults: tuple[int, ...] = (1, 2, 2)
+    """UNet width of each level as a multiple of base_channels. The image is halved
+    between levels, len - 1 times, so image_size must be divisible by 2^(len - 1):
+    (1, 2, 2) takes 28 -> 14 -> 7 and 32 -> 16 -> 8."""
+    num_res_blocks: int = 2
+    """Residual blocks per UNet level on the way down (one more on the way up)."""
+    lr: float = 2e-4
+    """Adam learning rate (Ho et al.)."""
+    ema_decay: float = 0.9999
+    """Decay of the EMA weights used for sampling. Step n uses min(ema_decay, (1 + n) / (10 + n)),
+    so the average forgets the random init early on; beyond ~90k steps it is ema_decay."""
+    sampler: Literal["ddpm", "ddim"] = "ddpm"
+    """Sampler of `sample`: ancestral over all timesteps, or DDIM over sample_steps."""
+    sample_steps: int = 100
+    """Steps of the DDIM sampler; 50-100 come close to the full chain (Song et al.)."""
+    eta: float = 0.0
+    """DDIM noise: 0 is deterministic given x_T, 1 is ancestral-like."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.timesteps < 2:
+            raise ValueError(f"timesteps must be >= 2, got {self.timesteps}")
+        if self.schedule not in ("linear", "cosine"):
+            raise ValueError(f"schedule must be 'linear' or 'cosine', got {self.schedule!r}")
+        scale = 1000 / self.timesteps
+        if not 0 < self.beta_start <= self.beta_end:
+            raise ValueError(f"beta_start must be in (0, beta_end], got {self.beta_start} and {self.beta_end}")
+        if self.schedule == "linear" and not self.beta_end * scale < 1:
+            raise ValueError(f"beta_end * 1000 / timesteps must be < 1, got {self.beta_end} * {scale:g}")
+        if self.base_channels < NORM_GROUPS or self.base_channels % NORM_GROUPS:
+            raise ValueError(f"base_channels must be a positive multiple of {NORM_GROUPS}, got {self.base_channels}")
+        self.channel_mults = tuple(self.channel_mults)  # a YAML or JSON round trip gives a list
+        if not self.channel_mults or not all(m >= 1 for m in self.channel_mults):
+            raise ValueError(f"channel_mults must be one or more integers >= 1, got {self.channel_mults}")
+        halvings = len(self.channel_mults) - 1
+        if self.image_size % 2**halvings:
+            raise ValueError(f"channel_mults {self.channel_mults} halve image_size {self.image_size} "
+                             f"{halvings} times; it must be divisible by {2**halvings}")
+        if self.num_res_blocks < 1:
+            raise ValueError(f"num_res_blocks must be >= 1, got {self.num_res_blocks}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.sampler not in ("ddpm", "ddim"):
+            raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {self.sampler!r}")
+        if not 1 <= self.sample_steps <= self.timesteps:
+            raise ValueError(f"sample_steps must be in [1, timesteps], got {self.sample_steps}")
+        if self.eta < 0:
+            raise ValueError(f"eta must be >= 0, got {self.eta}")
+
+    @classmethod
+    def tiny(cls, **overrides) -> DDPMConfig:
+        return cls(**{"timesteps": 32, "base_channels": 8, "channel_mults": (1, 2), "num_res_blocks": 1,
+                      "ema_decay": 0.9, "sample_steps": 10, **overrides})
+
+
+class DDPM(GenerativeModel):
+    def __init__(self, config: DDPMConfig):
+        super().__init__()
+        self.config = config
+        betas = (linear_betas(config.timesteps, config.beta_start, config.beta_end) if config.schedule == "linear"
+                 else cosine_betas(config.timesteps))
+        self.schedule = NoiseSchedule(betas)
+        self.unet = UNet(channels=config.channels, base_channels=config.base_channels,
+                         channel_mults=config.channel_mults, num_res_blocks=config.num_res_blocks)
+        self.ema = _as_buffers(copy.deepcopy(self.unet))
+        # EMA tensor names in the order of unet.parameters(), which DDP wrapping keeps.
+        self._ema_names = [name for name, _ in self.unet.named_parameters()]
+
+    def ddp_modules(self) -> dict[str, nn.Module]:
+        return {"unet": self.unet}
+
+    def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"unet": torch.optim.Adam(self.unet.parameters(), lr=self.config.lr)}
+
+    def loss(self, batch: Batch) -> tuple[Tensor, Metrics]:
+        x0 = from_unit(batch[0])
+        t = torch.randint(self.config.timesteps, (x0.shape[0],), device=x0.device)
+        eps = torch.randn_like(x0)
+        return F.mse_loss(self.unet(self.schedule.q_sample(x0, t, eps), t), eps), {}
+
+    def ema_decay_at(self, step: int) -> float:
+        """The EMA decay after `step` completed steps (see DDPMConfig.ema_decay)."""
+        return min(self.config.ema_decay, (1 + step) / (10 + step))
+
+    @torch.no_grad()
+    def on_step_end(self, step: int) -> None:
+        """ema <- d * ema + (1 - d) * theta, with d = ema_decay_at(step)."""
+        weight = 1 - self.ema_decay_at(step)
+        for name, param in zip(self._ema_names, self.unet.parameters()):
+            self.ema.get_buffer(name).lerp_(param.detach(), weight)
+
+    @torch.no_grad()
+    def sample(self, n: int, *, labels: Tensor | None = None, generator: torch.Generator | None = None,
+               sampler: Literal["ddpm", "ddim"] | None = None, steps: int | None = None) -> Tensor:
+        """n images in [0, 1] from the EMA network; `sampler` and `steps` (DDIM) override the config."""
+        c = self.config
+        shape = (n, c.channels, c.image_size, c.image_size)
+        sampler = sampler or c.sampler
+        if sampler == "ddpm":
+            if steps is not None:
+                raise ValueError("steps applies to the DDIM sampler only; the ancestral one takes all timesteps")
+            x = ddpm_sample(self.ema, self.schedule, shape, generator=generator)
+        elif sampler == "ddim":
+            steps = c.sample_steps if steps is None else steps
+            x = ddim_sample(self.ema, self.schedule, shape, steps=steps, eta=c.eta, generator=generator)
+        else:
+            raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+        return to_unit(x)
+
+
+def _as_buffers(module: nn.Module) -> nn.Module:
+    """`module` with every parameter turned into a buffer of the same name, in place."""
+    for m in module.modules():
+        for name, param in list(m.named_parameters(recurse=False)):
+            delattr(m, name)
+            m.register_buffer(name, param.detach())
+    return module
