@@ -10,10 +10,12 @@ from gen_models.autoregressive.pixelcnn import PixelCNN, PixelCNNConfig
 from gen_models.base import GenerativeModel
 from gen_models.config import ModelConfig
 from gen_models.diffusion.ddpm import DDPM, DDPMConfig
+from gen_models.ebm.ebm import EBM, EBMConfig
 from gen_models.flow.realnvp import RealNVP, RealNVPConfig
 from gen_models.gan.cgan import CGAN, CGANConfig
 from gen_models.gan.dcgan import DCGAN, DCGANConfig
 from gen_models.gan.gan import GAN, GANConfig
+from gen_models.gan.stylegan import StyleGAN, StyleGANConfig
 from gen_models.gan.wgan import WGAN, WGANConfig, WGANGPConfig
 from gen_models.vae.vae import VAE, BetaVAEConfig, ConvVAEConfig, VAEConfig
 
@@ -23,12 +25,14 @@ FAMILIES: dict[str, tuple[type[GenerativeModel], type[ModelConfig]]] = {
     "dcgan": (DCGAN, DCGANConfig),
     "wgan": (WGAN, WGANConfig),
     "wgan_gp": (WGAN, WGANGPConfig),
+    "stylegan": (StyleGAN, StyleGANConfig),
     "vae": (VAE, VAEConfig),
     "conv_vae": (VAE, ConvVAEConfig),
     "beta_vae": (VAE, BetaVAEConfig),
     "ddpm": (DDPM, DDPMConfig),
     "realnvp": (RealNVP, RealNVPConfig),
     "pixelcnn": (PixelCNN, PixelCNNConfig),
+    "ebm": (EBM, EBMConfig),
 }
 
 

@@ -1,0 +1,152 @@
+"""Energy-based model trained by contrastive divergence with short-run
+Langevin sampling and a replay buffer (Du & Mordatch 2019).
+
+p(x) is proportional to exp(-E(x)). The gradient of the log-likelihood is
+-dE(x+)/dtheta + E_{x- ~ p}[dE(x-)/dtheta], so each step pushes the energy of
+data x+ down and that of model samples x- up:
+
+    loss = E(x+) - E(x-) + alpha (E(x+)^2 + E(x-)^2)
+
+x- comes from `langevin` (gen_models/ebm/langevin.py), started from a replay
+buffer of past chains (95 %) or fresh uniform noise (5 %): persistent chains
+mix far better than K steps from noise, and the fresh 5 % keep the buffer from
+collapsing onto a few modes. The alpha term keeps the energies near 0; without
+it E(x+) and E(x-) drift apart without bound and the gradient the chain
+follows grows with them.
+
+Images stay in [0, 1] (no rescaling to [-1, 1]): the paper's step size 10 and
+noise 0.005 are tuned for that range, and the chain clamps to it.
+
+    E: (C, s, s) -> (h, s/2, s/2) -> (2h, s/4, s/4) -> (2h, s/4, s/4) -> scalar   SiLU throughout
+
+SiLU rather than ReLU: Langevin follows dE/dx, and a smooth E has a gradient
+that changes smoothly with x instead of jumping at every ReLU kink.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from gen_models.base import Batch, GenerativeModel, Metrics, StepContext
+from gen_models.config import ModelConfig
+from gen_models.ebm.langevin import langevin
+from gen_models.nn.layers import downsample
+
+
+@dataclass(kw_only=True)
+class EBMConfig(ModelConfig):
+    hidden: int = 32
+    """Channels of the energy net's first layer; the next two have twice as many."""
+    langevin_steps: int = 60
+    """Langevin steps K per training step, from the replay buffer (paper: 60)."""
+    sample_steps: int = 180
+    """Langevin steps of `sample`, from uniform noise: 3 K, since it has no buffer to start from."""
+    step_size: float = 10.0
+    """Step on the (clipped) energy gradient, for images in [0, 1] (paper: 10)."""
+    noise_scale: float = 0.005
+    """Standard deviation of the Gaussian noise added at every Langevin step (paper: 0.005)."""
+    grad_clip: float = 0.03
+    """Each entry of dE/dx is clipped to +-grad_clip, so one step moves a pixel at most step_size * grad_clip."""
+    buffer_size: int = 10000
+    """Images in the replay buffer of past Langevin chains."""
+    reinit_prob: float = 0.05
+    """Fraction of chains started from fresh uniform noise instead of the buffer (paper: 5 %)."""
+    alpha: float = 1.0
+    """Weight of the energy regulariser alpha (E(x+)^2 + E(x-)^2) (paper: 1)."""
+    data_noise: float = 0.005
+    """Std of Gaussian noise added to the data: the digits have 17 grey levels, a density needs a continuum."""
+    lr: float = 1e-4
+    """Adam learning rate."""
+    betas: tuple[float, float] = (0.0, 0.999)
+    """Adam betas; beta1 = 0: the negatives change every step, so momentum on old gradients lags behind them."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("hidden", "langevin_steps", "sample_steps", "buffer_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("step_size", "grad_clip", "lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("noise_scale", "alpha", "data_noise"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.reinit_prob <= 1:
+            raise ValueError(f"reinit_prob must be in [0, 1], got {self.reinit_prob}")
+        self.betas = tuple(self.betas)  # a YAML or JSON round trip gives a list
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+
+    @classmethod
+    def tiny(cls, **overrides) -> EBMConfig:
+        return super().tiny(**{"hidden": 8, "langevin_steps": 3, "sample_steps": 5,
+                               "buffer_size": 64, **overrides})
+
+
+class EBM(GenerativeModel):
+    """Unconditional: `sample` ignores labels. No likelihood: the normaliser of exp(-E) is unknown."""
+
+    def __init__(self, config: EBMConfig):
+        super().__init__()
+        self.config = config
+        c, h, k = config.channels, config.hidden, config.image_size // 4
+        self.energy = nn.Sequential(
+            downsample(c, h), nn.SiLU(),
+            downsample(h, 2 * h), nn.SiLU(),
+            nn.Conv2d(2 * h, 2 * h, kernel_size=3, padding=1), nn.SiLU(),
+            nn.Flatten(), nn.Linear(2 * h * k * k, 1), nn.Flatten(0),
+        )
+        # The buffer is state, not a parameter: it is checkpointed with the
+        # weights, so a resumed run keeps its chains.
+        shape = (config.buffer_size, c, config.image_size, config.image_size)
+        self.register_buffer("replay", torch.rand(shape))
+
+    def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"energy": torch.optim.Adam(self.energy.parameters(), lr=self.config.lr, betas=self.config.betas)}
+
+    def chain(self, x: Tensor, steps: int, generator: torch.Generator | None = None) -> Tensor:
+        """Langevin from x on the bare energy net (never its DDP wrapper; see `langevin`)."""
+        c = self.config
+        return langevin(getattr(self.energy, "module", self.energy), x, steps=steps, step_size=c.step_size,
+                        noise_scale=c.noise_scale, grad_clip=c.grad_clip, generator=generator)
+
+    def draw_from_buffer(self, n: int) -> tuple[Tensor, Tensor]:
+        """(chain starts, their buffer indices): each start is a buffer image with
+        probability 1 - reinit_prob, else fresh uniform noise."""
+        idx = torch.randint(self.config.buffer_size, (n,), device=self.replay.device)
+        start = self.replay[idx]
+        fresh = torch.rand(n, device=start.device) < self.config.reinit_prob
+        return torch.where(fresh[:, None, None, None], torch.rand_like(start), start), idx
+
+    def training_step(self, batch: Batch, ctx: StepContext) -> Metrics:
+        c = self.config
+        real = (batch[0] + c.data_noise * torch.randn_like(batch[0])).clamp(0, 1)
+        start, idx = self.draw_from_buffer(real.shape[0])
+        fake = self.chain(start, c.langevin_steps)
+        # Duplicate indices keep one of their chains: the buffer is a sample, not a ledger.
+        self.replay[idx] = fake
+
+        ctx.zero_grad("energy")
+        # One forward through the (possibly DDP-wrapped) net for both halves, so
+        # the reducer sees exactly one forward per backward.
+        e_real, e_fake = self.energy(torch.cat([real, fake])).chunk(2)
+        cd = e_real.mean() - e_fake.mean()
+        reg = c.alpha * (e_real.pow(2).mean() + e_fake.pow(2).mean())
+        ctx.backward(cd + reg)
+        ctx.step_optimizer("energy")
+        return {"loss": (cd + reg).detach(), "cd": cd.detach(), "reg": reg.detach(),
+                "e_real": e_real.mean().detach(), "e_fake": e_fake.mean().detach()}
+
+    def sample(self, n: int, *, labels: Tensor | None = None,
+               generator: torch.Generator | None = None) -> Tensor:
+        c = self.config
+        device = self.replay.device
+        shape = (n, c.channels, c.image_size, c.image_size)
+        if generator is None:
+            start = torch.rand(shape, device=device)
+        else:
+            start = torch.rand(shape, generator=generator, device=generator.device).to(device)
+        return self.chain(start, c.sample_steps, generator=generator)
