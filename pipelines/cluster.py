@@ -16,6 +16,7 @@ import time
 import urllib.request
 import uuid
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 from pipelines.errors import InvalidInput, StageFailed
@@ -160,7 +161,7 @@ class Cluster:
     """Submits stage jobs to one Ray head and follows them to the end."""
 
     address: str
-    log: callable = print
+    log: Callable[[str], None] = print
 
     def __post_init__(self):
         from ray.job_submission import JobSubmissionClient

@@ -54,14 +54,14 @@ class StepBatches:
         return self._perms[epoch]
 
     def indices(self, step: int) -> Tensor:
-        start = step * self.global_batch + self.rank * self.local
-        pos = torch.arange(start, start + self.local)
-        epochs = pos // self.n
-        out = torch.empty(self.local, dtype=torch.long)
-        for e in epochs.unique().tolist():  # at most two epochs meet in one batch
-            mask = epochs == e
-            out[mask] = self._perm(e)[pos[mask] % self.n]
-        return out
+        # Slices of cached permutations, not per-element arithmetic: this runs every step.
+        pos, left, parts = step * self.global_batch + self.rank * self.local, self.local, []
+        while left:  # at most two epochs meet in one batch
+            epoch, offset = divmod(pos, self.n)
+            take = min(left, self.n - offset)
+            parts.append(self._perm(epoch)[offset:offset + take])
+            pos, left = pos + take, left - take
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def batch(self, step: int, device: torch.device) -> tuple[Tensor, Tensor]:
         idx = self.indices(step)

@@ -4,8 +4,10 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
+from pipelines.metrics import extract, fid_from_features, train_extractor
 
-@pytest.fixture(scope="module")
+
+@pytest.fixture(scope="session")
 def digits() -> dict[str, torch.Tensor]:
     """Train / test split of the 1797 digits, images in [0, 1] from 17 grey levels."""
     data = load_digits()
@@ -26,3 +28,28 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class Judge:
+    """Scores samples the way the pipeline's evaluate stage would: on the features of
+    a classifier fitted to these digits, against the test split."""
+
+    def __init__(self, digits: dict[str, torch.Tensor]):
+        as_uint8 = lambda x: (x * 255).round().to(torch.uint8)  # noqa: E731
+        self.extractor, accuracy = train_extractor(
+            as_uint8(digits["x_train"]), digits["y_train"], num_classes=10, epochs=10, seed=0,
+            x_test=as_uint8(digits["x_test"]), y_test=digits["y_test"])
+        assert accuracy > 0.85, f"extractor accuracy {accuracy}: FID on its features would mean little"
+        self.real, _ = extract(self.extractor, digits["x_test"])
+
+    def fid(self, images: torch.Tensor) -> float:
+        return fid_from_features(extract(self.extractor, images)[0], self.real)
+
+    def label_accuracy(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+        _, logits = extract(self.extractor, images)
+        return float((logits.argmax(1) == labels.numpy()).mean())
+
+
+@pytest.fixture(scope="session")
+def judge(digits) -> Judge:
+    return Judge(digits)

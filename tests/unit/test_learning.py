@@ -11,8 +11,6 @@ Margins measured over 5 seeds on CPU, against the thresholds asserted:
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -48,24 +46,9 @@ def test_vae_elbo_improves_on_test_digits(family, digits, one_thread):
     assert iwae > elbo, (elbo, iwae)
 
 
-def test_dcgan_fid_falls_on_test_digits(digits, one_thread):
-    if importlib.util.find_spec("pipelines.metrics") is None:
-        pytest.skip("pipelines.metrics (the FID extractor) is not written yet")
-    from pipelines.metrics import extract, fid_from_features, train_extractor
-
-    def as_uint8(x: torch.Tensor) -> torch.Tensor:
-        return (x * 255).round().to(torch.uint8)
-
-    extractor, accuracy = train_extractor(
-        as_uint8(digits["x_train"]), digits["y_train"], num_classes=10, epochs=10, seed=0,
-        x_test=as_uint8(digits["x_test"]), y_test=digits["y_test"])
-    assert accuracy > 0.85, f"extractor accuracy {accuracy}: FID on its features would mean little"
-    x_test = digits["x_test"]
-    real, _ = extract(extractor, x_test)
-
+def test_dcgan_fid_falls_on_test_digits(digits, judge):
     def fid(model: GenerativeModel) -> float:
-        fake, _ = extract(extractor, model.sample(len(x_test), generator=torch.Generator().manual_seed(1)))
-        return fid_from_features(fake, real)
+        return judge.fid(model.sample(len(digits["x_test"]), generator=torch.Generator().manual_seed(1)))
 
     model = build("dcgan", {"image_size": 8, "channels": 1})
     untrained = fid(model)

@@ -23,8 +23,6 @@ thirds of it and the 200-step ancestral sampler a fifth.
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
@@ -35,24 +33,9 @@ from tests.unit.learning import fit
 pytestmark = pytest.mark.learning
 
 
-def test_ddpm_fid_falls_and_ddim_keeps_up(digits, one_thread):
-    if importlib.util.find_spec("pipelines.metrics") is None:
-        pytest.skip("pipelines.metrics (the FID extractor) is not written yet")
-    from pipelines.metrics import extract, fid_from_features, train_extractor
-
-    def as_uint8(x: torch.Tensor) -> torch.Tensor:
-        return (x * 255).round().to(torch.uint8)
-
-    extractor, accuracy = train_extractor(
-        as_uint8(digits["x_train"]), digits["y_train"], num_classes=10, epochs=10, seed=0,
-        x_test=as_uint8(digits["x_test"]), y_test=digits["y_test"])
-    assert accuracy > 0.85, f"extractor accuracy {accuracy}: FID on its features would mean little"
-    x_test = digits["x_test"]
-    real, _ = extract(extractor, x_test)
-
+def test_ddpm_fid_falls_and_ddim_keeps_up(digits, judge):
     def fid(model: GenerativeModel, **sampler) -> float:
-        samples = model.sample(len(x_test), generator=torch.Generator().manual_seed(1), **sampler)
-        return fid_from_features(extract(extractor, samples)[0], real)
+        return judge.fid(model.sample(len(digits["x_test"]), generator=torch.Generator().manual_seed(1), **sampler))
 
     model = build("ddpm", {"image_size": 8, "channels": 1, "timesteps": 200, "schedule": "cosine",
                            "base_channels": 16, "channel_mults": (1, 2), "num_res_blocks": 1,

@@ -19,8 +19,6 @@ pipelines.metrics extractor.
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
@@ -34,30 +32,7 @@ def seeded(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-@pytest.fixture(scope="module")
-def fid_to_test(digits):
-    """(images in [0, 1] -> FID against the test split) on the extractor the pipeline would fit to these digits."""
-    if importlib.util.find_spec("pipelines.metrics") is None:
-        pytest.skip("pipelines.metrics (the FID extractor) is not written yet")
-    from pipelines.metrics import extract, fid_from_features, train_extractor
-
-    def as_uint8(x: torch.Tensor) -> torch.Tensor:
-        return (x * 255).round().to(torch.uint8)
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        extractor, accuracy = train_extractor(
-            as_uint8(digits["x_train"]), digits["y_train"], num_classes=10, epochs=10, seed=0,
-            x_test=as_uint8(digits["x_test"]), y_test=digits["y_test"])
-    finally:
-        torch.set_num_threads(threads)
-    assert accuracy > 0.85, f"extractor accuracy {accuracy}: FID on its features would mean little"
-    real, _ = extract(extractor, digits["x_test"])
-    return lambda images: fid_from_features(extract(extractor, images)[0], real)
-
-
-def test_ebm_ranks_data_below_noise_and_langevin_moves_noise_to_data(digits, fid_to_test, one_thread):
+def test_ebm_ranks_data_below_noise_and_langevin_moves_noise_to_data(digits, judge):
     torch.manual_seed(0)
     model = build("ebm", {"image_size": 8, "channels": 1, "hidden": 16, "langevin_steps": 10,
                           "sample_steps": 60, "buffer_size": 1000})
@@ -72,15 +47,15 @@ def test_ebm_ranks_data_below_noise_and_langevin_moves_noise_to_data(digits, fid
     assert e_test.max() < e_noise.min(), (e_test.max(), e_noise.min())
     assert gap > 4 * e_noise.std(), (gap, e_noise.std())
     assert e_noise.mean() - e_samples.mean() > 0.75 * gap, (e_samples.mean(), e_test.mean(), e_noise.mean())
-    fid_noise, fid_samples = fid_to_test(start), fid_to_test(samples)
+    fid_noise, fid_samples = judge.fid(start), judge.fid(samples)
     assert fid_samples < 0.75 * fid_noise, (fid_noise, fid_samples)
 
 
-def test_stylegan_fid_falls_on_test_digits(digits, fid_to_test, one_thread):
+def test_stylegan_fid_falls_on_test_digits(digits, judge):
     torch.manual_seed(0)
     model = build("stylegan", {"image_size": 8, "channels": 1, "z_dim": 32, "g_channels": 32, "d_channels": 32})
     n = len(digits["x_test"])
-    untrained = fid_to_test(model.sample(n, generator=seeded(1)))
+    untrained = judge.fid(model.sample(n, generator=seeded(1)))
     fit(model, digits["x_train"], digits["y_train"], steps=800)
-    trained = fid_to_test(model.sample(n, generator=seeded(1)))
+    trained = judge.fid(model.sample(n, generator=seeded(1)))
     assert trained < 0.4 * untrained, (untrained, trained)

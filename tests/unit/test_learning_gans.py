@@ -15,9 +15,6 @@ CPU thread, against the thresholds asserted (the tests run seed 0):
 
 from __future__ import annotations
 
-import importlib.util
-
-import numpy as np
 import pytest
 import torch
 
@@ -28,35 +25,8 @@ from tests.unit.learning import fit
 pytestmark = pytest.mark.learning
 
 
-@pytest.fixture(scope="module")
-def judge(digits):
-    """(sample -> (FID, label accuracy)) on the extractor the pipeline would fit to these digits."""
-    if importlib.util.find_spec("pipelines.metrics") is None:
-        pytest.skip("pipelines.metrics (the FID extractor) is not written yet")
-    from pipelines.metrics import extract, fid_from_features, train_extractor
-
-    def as_uint8(x: torch.Tensor) -> torch.Tensor:
-        return (x * 255).round().to(torch.uint8)
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        extractor, accuracy = train_extractor(
-            as_uint8(digits["x_train"]), digits["y_train"], num_classes=10, epochs=10, seed=0,
-            x_test=as_uint8(digits["x_test"]), y_test=digits["y_test"])
-    finally:
-        torch.set_num_threads(threads)
-    assert accuracy > 0.85, f"extractor accuracy {accuracy}: FID on its features would mean little"
-    real, _ = extract(extractor, digits["x_test"])
-
-    def score(model: GenerativeModel, labels: torch.Tensor | None = None) -> tuple[float, float]:
-        n = len(digits["x_test"]) if labels is None else len(labels)
-        images = model.sample(n, labels=labels, generator=torch.Generator().manual_seed(1))
-        fake, logits = extract(extractor, images)
-        accuracy = float((logits.argmax(1) == labels.numpy()).mean()) if labels is not None else np.nan
-        return fid_from_features(fake, real), accuracy
-
-    return score
+def draw(model: GenerativeModel, n: int, labels: torch.Tensor | None = None) -> torch.Tensor:
+    return model.sample(n, labels=labels, generator=torch.Generator().manual_seed(1))
 
 
 @pytest.mark.parametrize("family, steps, overrides, max_ratio", [
@@ -67,9 +37,10 @@ def judge(digits):
 def test_fid_falls_on_test_digits(family, steps, overrides, max_ratio, digits, judge, one_thread):
     torch.manual_seed(0)
     model = build(family, {"image_size": 8, "channels": 1, **overrides})
-    untrained, _ = judge(model)
+    n = len(digits["x_test"])
+    untrained = judge.fid(draw(model, n))
     fit(model, digits["x_train"], digits["y_train"], steps=steps)
-    trained, _ = judge(model)
+    trained = judge.fid(draw(model, n))
     assert trained < max_ratio * untrained, (untrained, trained)
 
 
@@ -77,8 +48,9 @@ def test_cgan_draws_the_asked_labels(digits, judge, one_thread):
     torch.manual_seed(0)
     model = build("cgan", {"image_size": 8, "channels": 1})
     labels = digits["y_test"]  # the test split's own label mix, so FID compares like with like
-    untrained, _ = judge(model, labels)
+    untrained = judge.fid(draw(model, len(labels), labels))
     fit(model, digits["x_train"], digits["y_train"], steps=600)
-    trained, accuracy = judge(model, labels)
+    samples = draw(model, len(labels), labels)
+    trained, accuracy = judge.fid(samples), judge.label_accuracy(samples, labels)
     assert trained < 0.2 * untrained, (untrained, trained)
     assert accuracy > 0.5, f"samples for label y classified as y {accuracy:.0%} of the time (chance 10%)"
