@@ -18,8 +18,13 @@ class ModelConfig:
             raise ValueError(f"image_size must be a multiple of 4 and >= 8, got {self.image_size}")
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {self.channels}")
-        if self.num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+        self.require_at_least_one("num_classes")
+
+    def require_at_least_one(self, *names: str) -> None:
+        """Raise ValueError naming the first of these integer fields that is below 1."""
+        for name in names:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     @classmethod
     def tiny(cls, **overrides):

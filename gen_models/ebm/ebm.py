@@ -65,9 +65,7 @@ class EBMConfig(ModelConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("hidden", "langevin_steps", "sample_steps", "buffer_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self.require_at_least_one("hidden", "langevin_steps", "sample_steps", "buffer_size")
         for name in ("step_size", "grad_clip", "lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")

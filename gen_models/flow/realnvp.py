@@ -62,9 +62,7 @@ class RealNVPConfig(ModelConfig):
         if self.couplings_per_mask < 2:
             raise ValueError(f"couplings_per_mask must be >= 2 (one layer leaves half the dimensions "
                              f"untouched), got {self.couplings_per_mask}")
-        for name in ("hidden", "num_blocks"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self.require_at_least_one("hidden", "num_blocks")
         if not 0 < self.alpha < 0.5:
             raise ValueError(f"alpha must be in (0, 0.5), got {self.alpha}")
         if not self.lr > 0:

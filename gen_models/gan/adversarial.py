@@ -39,12 +39,6 @@ class AdversarialConfig(ModelConfig):
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
 
-    def require_at_least_one(self, *names: str) -> None:
-        """Raise ValueError naming the first of these integer fields that is below 1."""
-        for name in names:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-
     @classmethod
     def tiny(cls, **overrides) -> AdversarialConfig:
         return super().tiny(**{"z_dim": 8, **overrides})

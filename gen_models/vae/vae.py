@@ -54,9 +54,7 @@ class VAEConfig(ModelConfig):
         super().__post_init__()
         if self.encoder not in ("mlp", "conv"):
             raise ValueError(f"encoder must be 'mlp' or 'conv', got {self.encoder!r}")
-        for name in ("hidden", "conv_channels", "z_dim"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self.require_at_least_one("hidden", "conv_channels", "z_dim")
         if not self.beta > 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")
         if self.kl_warmup_steps < 0:
