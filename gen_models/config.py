@@ -26,6 +26,12 @@ class ModelConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
+    def require_adam_betas(self) -> None:
+        """Check a `betas` field (two numbers in [0, 1)), back to a tuple after a YAML or JSON round trip."""
+        self.betas = tuple(self.betas)
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+
     @classmethod
     def tiny(cls, **overrides):
         """The smallest config that still exercises every code path, for tests."""

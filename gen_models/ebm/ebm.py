@@ -74,9 +74,7 @@ class EBMConfig(ModelConfig):
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.reinit_prob <= 1:
             raise ValueError(f"reinit_prob must be in [0, 1], got {self.reinit_prob}")
-        self.betas = tuple(self.betas)  # a YAML or JSON round trip gives a list
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        self.require_adam_betas()
 
     @classmethod
     def tiny(cls, **overrides) -> EBMConfig:

@@ -35,9 +35,7 @@ class AdversarialConfig(ModelConfig):
         self.require_at_least_one("z_dim")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        self.betas = tuple(self.betas)  # a YAML or JSON round trip gives a list
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        self.require_adam_betas()
 
     @classmethod
     def tiny(cls, **overrides) -> AdversarialConfig:
