@@ -29,7 +29,7 @@ def cmd_pipeline(a: argparse.Namespace) -> int:
     from pipelines import pipeline
 
     spec = _spec(a)
-    result = pipeline.run(spec, until=a.until, address=a.address)
+    result = pipeline.run(spec, until=a.until, address=a.address, resume=getattr(a, "resume", False))
     print(json.dumps(result), flush=True)
     return 0
 
@@ -114,7 +114,12 @@ def parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("pipeline", help="prepare -> train -> evaluate -> register, each a Ray job")
     spec_args(sp)
+    sp.add_argument("--resume", action="store_true", help="continue an interrupted search (tune stage)")
     sp.set_defaults(fn=cmd_pipeline, until="register")
+    sp = sub.add_parser("tune", help="prepare -> tune: a Ray Tune search, every trial a DDP run and an MLflow run")
+    spec_args(sp)
+    sp.add_argument("--resume", action="store_true", help="continue an interrupted search")
+    sp.set_defaults(fn=cmd_pipeline, until="tune")
     for stage in STAGE_COMMANDS:
         sp = sub.add_parser(stage, help=f"run the pipeline up to {stage} (earlier stages run if not cached)")
         spec_args(sp)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -118,6 +119,87 @@ class RegisterSpec(Section):
     """Registered model name; defaults to the pipeline name."""
 
 
+class Dimension(Section):
+    """How `tune.space` searches one spec field: exactly one of these keys."""
+
+    choice: list[Any] | None = None
+    """Values drawn uniformly at random."""
+    grid: list[Any] | None = None
+    """Every value, crossed with the other grid fields (num_samples times over)."""
+    uniform: tuple[float, float] | None = None
+    """[low, high], drawn uniformly."""
+    loguniform: tuple[float, float] | None = None
+    """[low, high] with low > 0, drawn uniformly in log space: learning rates, beta."""
+    randint: tuple[int, int] | None = None
+    """Integers in [low, high)."""
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "Dimension":
+        given = [k for k, v in self if v is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of {', '.join(type(self).model_fields)}; got {', '.join(given) or 'none'}")
+        values = getattr(self, self.kind)
+        if self.kind in ("choice", "grid") and not values:
+            raise ValueError(f"{self.kind} needs at least one value")
+        if self.kind in ("uniform", "loguniform", "randint") and not values[0] < values[1]:
+            raise ValueError(f"{self.kind} [low, high] needs low < high, got {list(values)}")
+        if self.kind == "loguniform" and values[0] <= 0:
+            raise ValueError(f"loguniform needs low > 0, got {values[0]}")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k, v in self if v is not None)
+
+    def extremes(self) -> list[Any]:
+        """Values the spec must accept for the search to be valid: every listed one, or the bounds."""
+        values = getattr(self, self.kind)
+        return [values[0], values[1] - 1] if self.kind == "randint" else list(values)
+
+
+# Trials must fit side by side (resources), share the horizon schedulers measure against (steps), and
+# report at the cadence the search sets (eval_every): none of these can differ between trials.
+FIXED_IN_SEARCH = {"train.num_workers", "train.use_gpu", "train.cpus_per_worker", "train.steps",
+                   "train.log_every", "train.checkpoint_every", "train.num_to_keep"}
+
+
+class TuneSpec(Section):
+    space: dict[str, Dimension] = {}
+    """Spec field (dotted, e.g. model.lr) -> how to search it; empty: no search, the pipeline trains once."""
+    metric: Literal["fid", "bits_per_dim"] | None = None
+    """Validation metric trials are ranked by (lower is better); default the family's primary metric."""
+    scheduler: Literal["asha", "pbt", "fifo"] = "asha"
+    """asha stops poor trials early; pbt restarts poor trials from good ones' checkpoints with perturbed
+    values; fifo runs every trial to the end."""
+    search: Literal["random", "optuna"] = "random"
+    """How values are drawn: independently at random (grid fields crossed), or by Optuna's TPE."""
+    num_samples: int = Field(4, ge=1)
+    """Trials to run; with grid fields, how many times the grid is repeated."""
+    max_concurrent_trials: int | None = Field(None, ge=1)
+    """Trials at once; default as many as the cluster's CPUs (GPUs with use_gpu) fit side by side."""
+    time_budget_s: float | None = Field(None, gt=0)
+    """Stop starting and running trials after this many seconds; the best so far wins."""
+    eval_every: int = Field(100, ge=1)
+    """Steps between a trial's validation reports, each with a checkpoint: ASHA rungs and PBT
+    perturbations fall on them."""
+    eval_samples: int = Field(500, ge=10)
+    """Images behind a validation metric: samples for FID, validation images for bits/dim."""
+    grace_period: int | None = Field(None, ge=1)
+    """ASHA: steps every trial runs before it can be stopped; default eval_every."""
+    reduction_factor: float = Field(2, gt=1)
+    """ASHA: the share 1/reduction_factor of trials at a rung that go on."""
+    perturbation_interval: int | None = Field(None, ge=1)
+    """PBT: steps between exploit/explore decisions; default eval_every."""
+
+    @model_validator(mode="after")
+    def _compatible(self) -> "TuneSpec":
+        if self.search == "optuna" and any(d.kind == "grid" for d in self.space.values()):
+            raise ValueError("search optuna draws every value itself: use choice instead of grid")
+        if self.search == "optuna" and self.scheduler == "pbt":
+            raise ValueError("scheduler pbt perturbs values itself: use it with search random")
+        return self
+
+
 class PipelineSpec(Section):
     name: str = Field("genpipe", pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
     """Pipeline name: the storage prefix, the MLflow experiment and run names."""
@@ -131,6 +213,28 @@ class PipelineSpec(Section):
     train: TrainSpec = TrainSpec()
     evaluate: EvaluateSpec = EvaluateSpec()
     registry: RegisterSpec = RegisterSpec()
+    tune: TuneSpec = TuneSpec()
+
+    @model_validator(mode="after")
+    def _searchable(self) -> "PipelineSpec":
+        # Every value a search may draw must make a valid spec: fail at submission, not in trial 7.
+        for key, dim in self.tune.space.items():
+            if key.split(".")[0] not in ("model", "train", "seed") or key in FIXED_IN_SEARCH:
+                raise ValueError(f"tune.space: {key!r} cannot be searched; model.*, seed and train.* except "
+                                 f"{', '.join(sorted(FIXED_IN_SEARCH))} can")
+            for value in dim.extremes():
+                try:
+                    self.with_overrides({key: value})
+                except ValidationError as e:
+                    raise ValueError(f"tune.space.{key}: {value!r} is not valid: {_describe(e.errors()[0], {})}") from None
+        return self
+
+    def with_overrides(self, values: dict[str, Any]) -> "PipelineSpec":
+        """This spec with dotted fields set and no search: the spec of one trial's training run."""
+        tree = {k: v for k, v in self.to_dict().items() if k != "tune"}
+        for key, value in values.items():
+            _put(tree, key, value)
+        return PipelineSpec.model_validate(tree)
 
     @property
     def model_name(self) -> str:
@@ -150,24 +254,31 @@ def _set(tree: dict[str, Any], dotted: str) -> None:
     key, sep, raw = dotted.partition("=")
     if not sep or not key:
         raise InvalidInput(f"--set {dotted!r}: expected key.sub=value")
+    try:
+        value = yaml.safe_load(raw) if raw else None
+    except yaml.YAMLError:
+        value = raw
+    _put(tree, key, value)
+
+
+def _put(tree: dict[str, Any], key: str, value: Any) -> None:
     node = tree
     *parents, leaf = key.split(".")
     for p in parents:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
-            raise InvalidInput(f"--set {key}: {p} is not a section")
-    try:
-        node[leaf] = yaml.safe_load(raw) if raw else None
-    except yaml.YAMLError:
-        node[leaf] = raw
+            raise InvalidInput(f"{key}: {p} is not a section")
+    node[leaf] = value
 
 
 def _describe(err: dict[str, Any], tree: dict[str, Any]) -> str:
     loc = ".".join(str(p) for p in err["loc"])
     if err["type"] == "extra_forbidden":
-        section: type[BaseModel] = PipelineSpec
+        section: Any = PipelineSpec
         for p in err["loc"][:-1]:
-            section = section.model_fields[str(p)].annotation
+            # A mapping's key (a tune.space field) names no section: step into the mapping's values.
+            section = (typing.get_args(section)[1] if typing.get_origin(section) is dict
+                       else section.model_fields[str(p)].annotation)
         allowed = ", ".join(section.model_fields)
         return f"unknown key {loc!r}; allowed here: {allowed}"
     msg = err["msg"].removeprefix("Value error, ")

@@ -23,7 +23,12 @@ from pipelines.stages import STAGES
 
 # What each stage's key covers, beyond the keys of the stages before it.
 STAGE_SECTIONS = {"prepare": ("data", "extractor", "seed"), "train": ("model", "train"),
-                  "evaluate": ("evaluate",), "register": ("registry",)}
+                  "tune": ("model", "train", "tune"), "evaluate": ("evaluate",), "register": ("registry",)}
+
+
+def stages_of(spec: PipelineSpec) -> tuple[str, ...]:
+    """A spec with a search space trains by searching: prepare -> tune -> evaluate -> register."""
+    return tuple("tune" if s == "train" and spec.tune.space else s for s in STAGES)
 
 
 def stage_key(spec: PipelineSpec, stage: str, previous_key: str, inputs: dict) -> str:
@@ -37,8 +42,12 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def run(spec: PipelineSpec, *, until: str = "register", address: str | None = None,
+def run(spec: PipelineSpec, *, until: str = "register", address: str | None = None, resume: bool = False,
         echo: Callable[[str], None] = log) -> dict:
+    stages = stages_of(spec)
+    if until not in stages:
+        raise InvalidInput("the spec searches (tune.space): run genpipe tune or genpipe pipeline" if until == "train"
+                           else "the spec has no tune.space: nothing to search")
     root = storage.validate(spec.storage or str(tracking.genpipe_home() / "storage"))
     url, local = resolve_address(address, log=echo)
     uri = tracking.tracking_uri()
@@ -61,7 +70,7 @@ def run(spec: PipelineSpec, *, until: str = "register", address: str | None = No
     echo(f"pipeline {spec.name}: MLflow run {parent} at {uri}; storage {root}")
     with tracking.sigterm_as_exception(), tracking.run_status(c, parent):
         key = ""
-        for stage in STAGES[:STAGES.index(until) + 1]:
+        for stage in stages[:stages.index(until) + 1]:
             key = stage_key(spec, stage, key, outputs)
             manifest_uri = storage.join(root, spec.name, stage, "manifest.json")
             done = _read_manifest(manifest_uri)
@@ -71,6 +80,7 @@ def run(spec: PipelineSpec, *, until: str = "register", address: str | None = No
                 run_id = tracking.open_run(c, exp, name=f"{spec.name}/{stage}", key=key, parent_id=parent)
                 with tracking.run_status(c, run_id):
                     cluster.run(stage, ["--spec", spec_uri, "--run-id", run_id, "--key", key, "--root", root,
+                                        *(["--resume"] if resume and stage == "tune" else []),
                                         "--inputs", *manifests], env=env,
                                 num_gpus=1 if spec.train.use_gpu and stage == "evaluate" else 0)
                 done = _read_manifest(manifest_uri)
@@ -80,6 +90,8 @@ def run(spec: PipelineSpec, *, until: str = "register", address: str | None = No
             outputs[stage] = done["outputs"]
             manifests.append(manifest_uri)
     result = {"pipeline": spec.name, "runs": runs}
+    if "tune" in outputs:
+        result["best"] = outputs["tune"]["best"]
     if "evaluate" in outputs:
         result["metrics"] = outputs["evaluate"]["metrics"]
     if "register" in outputs:

@@ -95,12 +95,13 @@ def prepare(spec: PipelineSpec, root: str, run_id: str, tracking_uri: str) -> di
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipelines.stages")
-    p.add_argument("stage", choices=STAGES)
+    p.add_argument("stage", choices=(*STAGES, "tune"))
     p.add_argument("--spec", required=True, help="URI of the resolved spec JSON")
     p.add_argument("--run-id", required=True, help="MLflow run this stage logs into")
     p.add_argument("--key", required=True, help="cache key recorded in the manifest")
     p.add_argument("--root", required=True, help="storage root")
     p.add_argument("--inputs", nargs="*", default=[], help="manifests of the earlier stages, in order")
+    p.add_argument("--resume", action="store_true", help="tune: continue an interrupted search")
     a = p.parse_args(argv)
     try:
         return _run(a)
@@ -114,6 +115,9 @@ def _run(a: argparse.Namespace) -> int:
 
     spec = PipelineSpec.model_validate(read_json(a.spec))
     inputs = {m["stage"]: m["outputs"] for m in map(read_json, a.inputs)}
+    if "tune" in inputs:
+        # Downstream of a search the best trial is the training run: its spec and checkpoint.
+        spec, inputs["train"] = spec.with_overrides(inputs["tune"]["best"]["config"]), inputs["tune"]
     uri = tracking_uri()
     stage_dir = storage.join(a.root, spec.name, a.stage)
     if a.stage == "prepare":
@@ -127,6 +131,11 @@ def _run(a: argparse.Namespace) -> int:
         ckpt = train.run(spec, inputs["prepare"]["data"], run_id=a.run_id, tracking_uri=uri,
                          storage_path=stage_dir, name=f"{spec.name}-{a.key}")
         outputs = {"checkpoint": ckpt}
+    elif a.stage == "tune":
+        from pipelines import tune
+
+        outputs = tune.run(spec, inputs["prepare"], run_id=a.run_id, tracking_uri=uri, storage_path=stage_dir,
+                           key=a.key, resume=a.resume)
     elif a.stage == "evaluate":
         from pipelines import evaluate
 

@@ -96,9 +96,18 @@ def run_status(c: MlflowClient, run_id: str) -> Iterator[None]:
     try:
         yield
     except (KeyboardInterrupt, Terminated):
-        c.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
+        _terminate(c, run_id, RunStatus.KILLED)
         raise
     except BaseException:
-        c.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+        _terminate(c, run_id, RunStatus.FAILED)
         raise
     c.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+
+
+def _terminate(c: MlflowClient, run_id: str, status: int) -> None:
+    """The run and its children still RUNNING (a search's trials, whose job died with it)."""
+    exp = c.get_run(run_id).info.experiment_id
+    children = c.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{run_id}' and "
+                                                  "attributes.status = 'RUNNING'")
+    for r in [*children, c.get_run(run_id)]:
+        c.set_terminated(r.info.run_id, RunStatus.to_string(status))

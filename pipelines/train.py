@@ -131,7 +131,9 @@ def train_loop(cfg: dict[str, Any]) -> None:
     meta = {"family": spec.model.family, "config": registry.config_dict(model_cfg), "seed": spec.seed}
 
     start = 0
-    checkpoint = ray.train.get_checkpoint()
+    # Ray Train's latest (a restart after a worker failure) first; else, in a search, the checkpoint
+    # Tune hands the trial: its own on resume, a donor's after a PBT exploit.
+    checkpoint = ray.train.get_checkpoint() or cfg.get("start_from")
     if checkpoint:
         with checkpoint.as_directory() as d:
             start = load_checkpoint(model, ctx.optimizers, Path(d))
@@ -146,6 +148,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
 
     batches = StepBatches(x, y, global_batch=spec.train.batch_size, seed=spec.seed, rank=rank, world=world)
     logger = _MetricLogger(cfg["tracking_uri"], cfg["run_id"]) if rank == 0 else None
+    validate = cfg.get("validate") if rank == 0 else None  # a search's trial metric (pipelines/tune.py)
 
     def report(step: int, metrics: dict[str, float]) -> None:
         metrics = {f"train/{k}": v for k, v in metrics.items()}
@@ -154,6 +157,8 @@ def train_loop(cfg: dict[str, Any]) -> None:
             _average_buffers(model)
             # A desync (e.g. a module called outside its DDP wrapper) shows up here, not in the samples.
             metrics["train/rank_param_spread"] = _rank_spread(model)
+        if validate:
+            metrics |= validate(model)
         if logger:
             logger.log(metrics, step)
             shown = " ".join(f"{k.removeprefix('train/')}={v:.4g}" for k, v in metrics.items())
@@ -219,20 +224,24 @@ class _MetricLogger:
 
 
 def run(spec: PipelineSpec, data_manifest: dict, *, run_id: str, tracking_uri: str,
-        storage_path: str, name: str) -> str:
-    """Fit with Ray Train; return the URI of the final checkpoint directory."""
+        storage_path: str, name: str, callbacks: list | None = None, validate=None, start_from=None) -> str:
+    """Fit with Ray Train; return the URI of the final checkpoint directory.
+
+    A tune trial adds `callbacks` (its reports go on to Tune), `validate` (model -> metrics, run by
+    rank 0 at every report) and `start_from` (a checkpoint to begin at).
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"spec": spec.to_dict(), "data": data_manifest, "run_id": run_id,
-                           "tracking_uri": tracking_uri},
+                           "tracking_uri": tracking_uri, "validate": validate, "start_from": start_from},
         torch_config=TorchConfig(backend="nccl" if spec.train.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=spec.train.num_workers, use_gpu=spec.train.use_gpu,
                                      resources_per_worker={"CPU": spec.train.cpus_per_worker}),
         run_config=RunConfig(
-            name=name, storage_path=storage_path,
+            name=name, storage_path=storage_path, callbacks=callbacks,
             checkpoint_config=CheckpointConfig(num_to_keep=spec.train.num_to_keep),
             failure_config=FailureConfig(max_failures=spec.train.max_failures)),
     )

@@ -1,0 +1,331 @@
+"""The tune stage: a Ray Tune search whose trials are each a DDP training run.
+
+Ray 2.60's shape (Train V2): the search is a Tune function trainable that
+launches a `TorchTrainer` per trial, so a trial's own actor only drives its
+training run and the run's workers hold the resources. Trials are
+`train.run` with two additions: rank 0 scores the model on the validation
+split at every report (FID on extractor features, or bits/dim), and every
+report carries a checkpoint, forwarded to Tune as the trial's checkpoint.
+
+Why not `TuneReportCallback`: it forwards metrics only (the checkpoint as a
+path metric), and a trial without Tune checkpoints can neither be exploited
+by PBT nor continue from its checkpoint when a search resumes. So a trial
+starts from whatever checkpoint Tune hands it — none, its own latest, or a
+PBT donor's — as a fresh Train run named after that checkpoint.
+
+MLflow: the stage's run is the parent of the search; each trial opens its
+own child run (found again by trial id on resume), which the driver's
+callback closes when Tune says the trial ended.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import tempfile
+import threading
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gen_models import registry
+from gen_models.base import GenerativeModel
+from pipelines import data as datasets
+from pipelines import metrics, storage, tracking, train
+from pipelines.config import PipelineSpec
+from pipelines.errors import InvalidInput, StageFailed
+
+TRIAL_TAG = "genpipe.trial_id"
+BEST_TAG = "genpipe.best_trial"
+MODES = {"fid": "min", "bits_per_dim": "min"}
+
+
+def objective(spec: PipelineSpec) -> tuple[str, str]:
+    """(Tune metric name, mode): the tune.metric, else the family's primary metric."""
+    model_cls = registry.FAMILIES[spec.model.family][0]
+    name = spec.tune.metric or model_cls.primary_metric[0]
+    if name == "bits_per_dim" and model_cls.log_prob is GenerativeModel.log_prob:
+        raise InvalidInput(f"tune.metric bits_per_dim: family {spec.model.family} has no likelihood")
+    return f"val/{name}", MODES[name]
+
+
+class Validation:
+    """A trial's metric: the model scored on (part of) the validation split.
+
+    FID compares `n` samples with the validation images on the extractor's
+    features; bits/dim is measured on `n` validation images. The test split
+    stays for the evaluate stage: choosing on it would flatter the winner.
+    """
+
+    def __init__(self, prepared: dict, metric: str, n: int, seed: int):
+        self.prepared, self.metric, self.n, self.seed = prepared, metric.removeprefix("val/"), n, seed
+
+    @cached_property
+    def x_val(self) -> torch.Tensor:
+        return datasets.load_split(self.prepared["data"], "val")[0]
+
+    @cached_property
+    def extractor(self) -> metrics.Extractor:
+        ext = self.prepared["extractor"]
+        return metrics.load_extractor(storage.read_verified(ext["uri"], ext["sha256"]))
+
+    @cached_property
+    def val_features(self):
+        return metrics.extract(self.extractor, self.x_val.float() / 255)[0]
+
+    @torch.no_grad()
+    def __call__(self, model: GenerativeModel) -> dict[str, float]:
+        from pipelines.evaluate import bits_per_dim, draw
+
+        # A plain copy: sampling through the DDP wrappers on one rank is asking for trouble.
+        device = next(model.parameters()).device
+        plain = type(model)(model.config).to(device)
+        plain.load_state_dict(model.plain_state_dict())
+        plain.eval()
+        if self.metric == "bits_per_dim":
+            value = bits_per_dim(plain, self.x_val[:self.n])
+        else:
+            samples = draw(plain, self.n, batch_size=500, seed=self.seed)
+            value = metrics.fid_from_features(metrics.extract(self.extractor, samples)[0], self.val_features)
+        # A diverged trial is the worst, not a NaN that every comparison (ASHA's cut-off too) lets through.
+        return {f"val/{self.metric}": value if math.isfinite(value) else math.inf}
+
+
+def _forward_reports(queue):
+    """A Train callback that hands each report (rank 0's metrics, the checkpoint) to the trial's actor."""
+    from ray.train import UserCallback
+
+    class ForwardReports(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            queue.put((metrics[0], checkpoint))
+
+    return ForwardReports()
+
+
+def trial(config: dict[str, Any], *, spec: dict, prepared: dict, parent_run: str, tracking_uri: str,
+          storage_path: str, key: str) -> None:
+    """One trial (runs in its Tune actor): a Train run of the spec with `config`'s dotted fields set."""
+    import ray.tune
+    from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
+    from ray.util.queue import Queue
+
+    base = PipelineSpec.model_validate(spec)
+    every = base.tune.eval_every
+    # Train keeps one checkpoint: Tune keeps the trial's history of them.
+    trial_spec = base.with_overrides({**config, "train.log_every": every, "train.checkpoint_every": every,
+                                      "train.num_to_keep": 1})
+    trial_id = ray.tune.get_context().get_trial_id()
+    c = MlflowClient(tracking_uri)
+    run_id = tracking.open_run(c, c.get_run(parent_run).info.experiment_id, name=f"{base.name}/tune/{trial_id}",
+                               key=f"{key}/{trial_id}", parent_id=parent_run, tags={TRIAL_TAG: trial_id})
+    if not c.get_run(run_id).data.params:  # params are immutable: the values the trial started with
+        c.log_batch(run_id, params=[Param(k, str(v)) for k, v in config.items()])
+    c.set_tag(run_id, "genpipe.trial_config", json.dumps(config))  # the values now, after any PBT exploit
+
+    start = ray.tune.get_checkpoint()
+    if start:  # where this start of the trial begins: its own checkpoint on resume, a donor's under PBT
+        with start.as_directory() as d:
+            step = json.loads((Path(d) / "meta.json").read_text())["step"]
+        c.set_tag(run_id, "genpipe.start_checkpoint", start.path)
+        c.log_metric(run_id, "tune/start_step", step, step=step)
+    # A fresh Train run per starting point: Train would otherwise resume its own latest checkpoint
+    # rather than the donor's a PBT exploit hands over.
+    origin = hashlib.sha256(start.path.encode()).hexdigest()[:8] if start else "start"
+    reports = Queue(actor_options={"num_cpus": 0})
+    failure: list[BaseException] = []
+
+    def fit() -> None:
+        try:
+            train.run(trial_spec, prepared["data"], run_id=run_id, tracking_uri=tracking_uri,
+                      storage_path=storage.join(storage_path, "trials"), name=f"{trial_id}-{origin}",
+                      callbacks=[_forward_reports(reports)], start_from=start,
+                      validate=Validation(prepared, objective(base)[0], base.tune.eval_samples, base.seed))
+        except BaseException as e:
+            failure.append(e)
+        finally:
+            reports.put(None)
+
+    # Train's fit blocks; the reports must reach Tune from this thread, the one Tune runs the trial in.
+    threading.Thread(target=fit, daemon=True).start()
+    while (item := reports.get()) is not None:
+        result, checkpoint = item
+        ray.tune.report(result, checkpoint=checkpoint)
+    if failure:
+        raise failure[0]
+
+
+def _trial_runs_callback(tracking_uri: str, parent_run: str, metric: str):
+    """Closes each trial's MLflow run when Tune says the trial ended, and prints one line per result."""
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+
+    class TrialRuns(tune.Callback):
+        def _close(self, trial, status: str) -> None:
+            c = MlflowClient(tracking_uri)
+            for run in c.search_runs([c.get_run(parent_run).info.experiment_id],
+                                     filter_string=f"tags.`{TRIAL_TAG}` = '{trial.trial_id}' and "
+                                                   f"tags.`mlflow.parentRunId` = '{parent_run}'"):
+                c.set_terminated(run.info.run_id, status)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            print(f"trial {trial.trial_id} step {result.get('step')} {metric}={result.get(metric, float('nan')):.4g}",
+                  flush=True)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._close(trial, "FINISHED")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._close(trial, "FAILED")
+
+    return TrialRuns()
+
+
+def _domain(dim):
+    from ray import tune
+
+    values = getattr(dim, dim.kind)
+    return {"choice": lambda: tune.choice(values), "grid": lambda: tune.grid_search(values),
+            "uniform": lambda: tune.uniform(*values), "loguniform": lambda: tune.loguniform(*values),
+            "randint": lambda: tune.randint(*values)}[dim.kind]()
+
+
+def concurrent_trials(spec: PipelineSpec) -> int:
+    """tune.max_concurrent_trials, else as many trials as the cluster fits side by side."""
+    import ray
+
+    if spec.tune.max_concurrent_trials:
+        return spec.tune.max_concurrent_trials
+    total, t = ray.cluster_resources(), spec.train
+    fits = total.get("GPU", 0) // t.num_workers if t.use_gpu else total.get("CPU", 0) // (t.num_workers * t.cpus_per_worker)
+    return max(1, int(fits))
+
+
+def _scheduler(spec: PipelineSpec):
+    from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
+
+    t = spec.tune
+    # Time in training steps, not reports: a resumed or exploited trial's step is what it has learnt.
+    if t.scheduler == "asha":
+        return ASHAScheduler(time_attr="step", max_t=spec.train.steps, grace_period=t.grace_period or t.eval_every,
+                             reduction_factor=t.reduction_factor)
+    if t.scheduler == "pbt":
+        # Explore around the space itself: listed values are resampled, ranges scaled or resampled.
+        mutations = {k: list(getattr(d, d.kind)) if d.kind in ("choice", "grid") else _domain(d)
+                     for k, d in t.space.items()}
+        return PopulationBasedTraining(time_attr="step", perturbation_interval=t.perturbation_interval or t.eval_every,
+                                       hyperparam_mutations=mutations)
+    return None
+
+
+def _search(spec: PipelineSpec):
+    if spec.tune.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(seed=spec.seed)
+    return None
+
+
+def run(spec: PipelineSpec, prepared: dict, *, run_id: str, tracking_uri: str, storage_path: str, key: str,
+        resume: bool) -> dict:
+    """Search; log the trials table; return the best trial's checkpoint, config and metric."""
+    import ray
+    from ray import tune
+
+    metric, mode = objective(spec)
+    # Tune snapshots the experiment at every checkpoint when it prunes them, which is what lets a killed
+    # search resume where its trials were; with a report per checkpoint it warns about it every time.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    ray.init(log_to_driver=False)  # the trials' worker logs would drown the progress lines
+    t = spec.tune
+    trainable = tune.with_resources(
+        tune.with_parameters(trial, spec=spec.to_dict(), prepared=prepared, parent_run=run_id,
+                             tracking_uri=tracking_uri, storage_path=storage_path, key=key),
+        # The trial actor only drives its Train run, whose workers reserve the CPUs (GPUs): a trial actor
+        # holding (part of) a CPU too would leave the last trial that should fit waiting for its workers.
+        # Tune needs some resource in the request: the driver's memory.
+        {"CPU": 0, "memory": 256 * 2**20})
+    space = {k: _domain(d) for k, d in t.space.items()}
+    name = f"search-{key}"
+    path = storage.join(storage_path, name)
+    if tune.Tuner.can_restore(path):
+        if not resume:
+            raise InvalidInput(f"an interrupted search is at {path}: continue it with --resume")
+        print(f"resuming the search at {path}", flush=True)
+        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True, param_space=space)
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space=space,
+            tune_config=tune.TuneConfig(metric=metric, mode=mode, scheduler=_scheduler(spec), search_alg=_search(spec),
+                                        num_samples=t.num_samples, max_concurrent_trials=concurrent_trials(spec),
+                                        time_budget_s=t.time_budget_s),
+            run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=0,
+                                      callbacks=[_trial_runs_callback(tracking_uri, run_id, metric)],
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=spec.train.num_to_keep)))
+    results = tuner.fit()
+
+    rows = [_row(spec, r, metric) for r in results]
+    done = [r for r in results if r.metrics and math.isfinite(r.metrics.get(metric, math.inf))]
+    if not done:
+        raise StageFailed(f"no trial reported a finite {metric}; trials:\n{format_table(rows)}")
+    best = results.get_best_result(metric=metric, mode=mode, scope="last")
+    best_id = best.metrics["trial_id"]
+    c = tracking.client()
+    best_run = c.search_runs([c.get_run(run_id).info.experiment_id],
+                             filter_string=f"tags.`{TRIAL_TAG}` = '{best_id}' and tags.`mlflow.parentRunId` = '{run_id}'")[0]
+    c.set_tag(best_run.info.run_id, BEST_TAG, "true")
+    c.set_tag(run_id, BEST_TAG, best_id)
+    c.log_metric(run_id, f"best/{metric}", best.metrics[metric])
+    table = format_table(rows)
+    print(f"{len(rows)} trials, best {best_id} ({metric}={best.metrics[metric]:.4g}):\n{table}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "trials.txt").write_text(table + "\n")
+        (Path(tmp) / "best_config.json").write_text(json.dumps(best.config, indent=2))
+        (Path(tmp) / "metric_vs_step.png").write_bytes(plot_curves(results, metric))
+        for f in ("trials.txt", "best_config.json", "metric_vs_step.png"):
+            c.log_artifact(run_id, str(Path(tmp) / f))
+    ckpt = best.checkpoint
+    return {"checkpoint": f"s3://{ckpt.path}" if storage.is_s3(storage_path) else ckpt.path,
+            "best": {"trial": best_id, "run_id": best_run.info.run_id, "config": best.config,
+                     "metric": {"name": metric, "mode": mode, "value": best.metrics[metric]}},
+            "trials": rows}
+
+
+def _row(spec: PipelineSpec, result, metric: str) -> dict[str, Any]:
+    m = result.metrics or {}
+    steps = int(m.get("step", 0))
+    status = "error" if result.error else "done" if steps >= spec.train.steps else "stopped"
+    return {"trial": m.get("trial_id", Path(result.path).name), **result.config,
+            metric: m.get(metric, math.nan), "steps": steps, "status": status}
+
+
+def plot_curves(results, metric: str) -> bytes:
+    """The metric against the step, one line per trial: where ASHA cut, where PBT jumped."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in results:
+        df = r.metrics_dataframe
+        if df is not None and metric in df:
+            ax.plot(df["step"], df[metric], marker="o", ms=3, label=r.metrics.get("trial_id"))
+    ax.set(xlabel="step", ylabel=metric, title=f"{metric} per trial")
+    ax.legend(fontsize=7)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    cells = [cols] + [[f"{r[k]:.4g}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in cols] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells)

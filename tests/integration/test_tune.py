@@ -1,0 +1,159 @@
+"""Hyperparameter search on a real Ray head through the CLI: trials are DDP runs and MLflow child
+runs, ASHA stops the poor ones, and the best trial goes on to evaluate and register."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.realparts import DIGITS, GENPIPE, REPO, genpipe, last_json
+
+pytestmark = pytest.mark.integration
+
+SMOKE = ["--config", "jobs/smoke_tune.yaml", *DIGITS]
+
+
+def _client(home) -> MlflowClient:
+    uri = f"sqlite:///{home['path'] / 'mlflow.db'}"
+    return MlflowClient(uri, registry_uri=uri)
+
+
+def _manifest(home, name: str, stage: str) -> dict:
+    return json.loads((home["path"] / "storage" / name / stage / "manifest.json").read_text())
+
+
+def test_smoke_tune_spec_searches_then_evaluates_and_registers_the_best(home):
+    r = genpipe(home, "pipeline", *SMOKE, "--set", "name=tune-smoke")
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = last_json(r.stdout)
+    assert set(out["runs"]) == {"pipeline", "prepare", "tune", "evaluate", "register"}
+    assert out["model"] == "smoke-tune-dcgan" and out["version"] == 1
+    best = out["best"]
+    assert set(best["config"]) == {"model.lr", "model.z_dim"} and best["metric"]["name"] == "val/fid"
+
+    tuned = _manifest(home, "tune-smoke", "tune")["outputs"]
+    assert len(tuned["trials"]) == 4
+    for row in tuned["trials"]:  # ASHA's stopped trials ran fewer steps; the others all of them
+        assert (row["steps"] < 60) if row["status"] == "stopped" else (row["status"], row["steps"]) == ("done", 60)
+    # The best trial's checkpoint is what evaluate scored and register packaged.
+    assert _manifest(home, "tune-smoke", "evaluate")["outputs"]["checkpoint"] == tuned["checkpoint"]
+
+    c = _client(home)
+    exp = c.get_experiment_by_name("tune-smoke").experiment_id
+    assert {run.info.status for run in c.search_runs([exp])} == {"FINISHED"}  # none left RUNNING
+    trials = c.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{out['runs']['tune']}'")
+    assert len(trials) == 4
+    for t in trials:
+        assert set(t.data.params) == {"model.lr", "model.z_dim"}
+        assert [m.step for m in c.get_metric_history(t.info.run_id, "val/fid")][:1] == [20]
+    tagged = [t for t in trials if t.data.tags.get("genpipe.best_trial") == "true"]
+    assert [t.info.run_id for t in tagged] == [best["run_id"]]
+    assert float(tagged[0].data.params["model.lr"]) == pytest.approx(best["config"]["model.lr"])
+    tune_run = c.get_run(out["runs"]["tune"])
+    assert tune_run.data.tags["genpipe.best_trial"] == best["trial"]
+    artifacts = {a.path for a in c.list_artifacts(tune_run.info.run_id)}
+    assert artifacts >= {"trials.txt", "best_config.json", "metric_vs_step.png"}
+    assert "[tune] 4 trials, best" in r.stderr  # the table reaches the user too
+
+
+def test_asha_stops_diverging_learning_rates_and_the_best_comes_from_the_good_region(home):
+    # A VAE whose learning rates of 3 and 10 diverge. ASHA is asynchronous: the trials that reach a rung
+    # first set its bar (and the worse of two good ones may already fall below it). Grid order and 2
+    # trials at a time put the good ones there first, so the known answer is deterministic: both
+    # diverging trials are stopped at the first rung, and a good one wins, having run every step.
+    r = genpipe(home, "tune", *SMOKE, "--set", "name=tune-asha",
+                "--set", "model={family: vae, hidden: 32, z_dim: 4}",
+                "--set", "tune.space={model.lr: {grid: [0.003, 0.01, 3.0, 10.0]}}",
+                "--set", "tune.num_samples=1", "--set", "tune.max_concurrent_trials=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    best = last_json(r.stdout)["best"]
+    assert best["metric"]["name"] == "val/bits_per_dim"
+    assert best["config"]["model.lr"] in (0.003, 0.01)
+    rows = {row["model.lr"]: row for row in _manifest(home, "tune-asha", "tune")["outputs"]["trials"]}
+    for lr in (3.0, 10.0):
+        assert rows[lr]["status"] == "stopped" and rows[lr]["steps"] < 60, rows[lr]
+    winner = rows[best["config"]["model.lr"]]
+    assert winner["status"] == "done" and winner["steps"] == 60, winner
+
+
+def test_search_commands_refuse_specs_that_do_not_fit(home):
+    r = genpipe(home, "tune", "--config", "jobs/smoke.yaml")
+    assert r.returncode == 2 and "genpipe: error: the spec has no tune.space" in r.stderr
+    r = genpipe(home, "train", *SMOKE)
+    assert r.returncode == 2 and "run genpipe tune or genpipe pipeline" in r.stderr
+
+
+def _checkpointed_trials(search: Path) -> set[str]:
+    """Trials with a checkpoint that the experiment state (what a resume restores) was saved after."""
+    saved = max((s.stat().st_mtime for s in search.glob("experiment_state-*.json")), default=0)
+    return {d.name for d in search.glob("trial_*") if any(c.stat().st_mtime < saved for c in d.glob("checkpoint_*"))}
+
+
+def test_a_killed_search_resumes_without_rerunning_or_duplicating(home):
+    # One trial at a time, every trial to the end: trial 0 finishes, then trial 1 is cut after its first
+    # checkpoint. On resume trial 0 must not run again and trial 1 must start from that checkpoint.
+    args = ["tune", *SMOKE, "--set", "name=tune-resume", "--set", "tune.scheduler=fifo", "--set", "tune.search=random",
+            "--set", "tune.num_samples=2", "--set", "tune.max_concurrent_trials=1"]
+    env = home["env"]
+    proc = subprocess.Popen([GENPIPE, *args], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    tune_dir = home["path"] / "storage" / "tune-resume" / "tune"
+    deadline = time.time() + 600
+    while len(_checkpointed_trials(next(iter(tune_dir.glob("search-*")), tune_dir))) < 2:
+        assert proc.poll() is None, "the search ended before it could be interrupted"
+        assert time.time() < deadline
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    c = _client(home)
+    exp = c.get_experiment_by_name("tune-resume").experiment_id
+    assert "RUNNING" not in {r.info.status for r in c.search_runs([exp])}
+
+    r = genpipe(home, *args)  # without --resume: refused, the interrupted search is left as it was
+    assert r.returncode == 2 and "continue it with --resume" in r.stderr, r.stderr[-2000:]
+    r = genpipe(home, *args, "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    trial_runs = c.search_runs([exp], filter_string="attributes.run_name LIKE 'tune-resume/tune/%'")
+    assert len(trial_runs) == 2  # the interrupted trial's run was reopened, not duplicated
+    assert {t.info.status for t in trial_runs} == {"FINISHED"}
+    # Each start of a trial is a Train run named after its starting checkpoint: the finished trial
+    # has one run (never re-run), the interrupted one a second run from its checkpoint, none from scratch.
+    train_runs = sorted(p.name for p in (tune_dir / "trials").iterdir())
+    first, second = sorted(t.data.tags["genpipe.trial_id"] for t in trial_runs)
+    assert [n for n in train_runs if n.startswith(first)] == [f"{first}-start"]
+    resumed = [n for n in train_runs if n.startswith(second)]
+    assert len(resumed) == 2 and f"{second}-start" in resumed, train_runs
+    steps = [m.step for m in c.get_metric_history(trial_runs[0].info.run_id, "val/fid")]
+    assert max(steps) == 60
+
+
+def test_pbt_exploited_trial_continues_from_the_donors_checkpoint_and_step(home):
+    # Two VAE trials, one diverging (lr 3): at a perturbation the worse one takes the better one's
+    # checkpoint and a perturbed lr, and goes on from the donor's step rather than from its own or 0.
+    r = genpipe(home, "tune", *SMOKE, "--set", "name=tune-pbt", "--set", "model={family: vae, hidden: 32, z_dim: 4}",
+                "--set", "tune.space={model.lr: {grid: [0.01, 3.0]}}", "--set", "tune.scheduler=pbt",
+                "--set", "tune.num_samples=1", "--set", "tune.max_concurrent_trials=2", "--set", "train.steps=80")
+    assert r.returncode == 0, r.stderr[-3000:]
+    c = _client(home)
+    exp = c.get_experiment_by_name("tune-pbt").experiment_id
+    trials = {t.data.tags["genpipe.trial_id"]: t for t in
+              c.search_runs([exp], filter_string="attributes.run_name LIKE 'tune-pbt/tune/%'")}
+    assert len(trials) == 2
+    exploited = [t for t in trials.values() if "genpipe.start_checkpoint" in t.data.tags]
+    assert exploited, "no trial was exploited"
+    for t in exploited:
+        donor = next(d for d in trials if d in t.data.tags["genpipe.start_checkpoint"])
+        assert donor != t.data.tags["genpipe.trial_id"]
+        (start,) = {int(m.value) for m in c.get_metric_history(t.info.run_id, "tune/start_step")}
+        assert start in {m.step for m in c.get_metric_history(trials[donor].info.run_id, "val/bits_per_dim")}
+        steps = [m.step for m in c.get_metric_history(t.info.run_id, "val/bits_per_dim")]
+        assert start + 20 in steps and max(steps) == 80
+        assert json.loads(t.data.tags["genpipe.trial_config"])["model.lr"] in (0.01, 3.0)  # explored on the grid
