@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pipelines import models
 from pipelines.errors import GateFailed, InvalidInput, StageFailed
 
 STAGE_COMMANDS = ("prepare", "train", "evaluate", "register")
@@ -70,29 +71,6 @@ def _load_pyfunc(uri: str):
         raise InvalidInput(f"cannot load {uri}: {str(e).splitlines()[0]}") from None
 
 
-def cmd_models_list(a: argparse.Namespace) -> int:
-    from pipelines import tracking
-
-    c = tracking.client()
-    rows = [("model", "version", "aliases", "family", "primary metric", "created")]
-    import datetime
-
-    for rm in c.search_registered_models():
-        aliases: dict[str, list[str]] = {}
-        for alias, v in (rm.aliases or {}).items():
-            aliases.setdefault(str(v), []).append(alias)
-        for mv in sorted(c.search_model_versions(f"name = '{rm.name}'"), key=lambda m: int(m.version)):
-            metric = mv.tags.get("primary_metric", "")
-            value = mv.tags.get(f"metric.{metric}", "")
-            created = datetime.datetime.fromtimestamp(mv.creation_timestamp / 1000).strftime("%Y-%m-%d %H:%M")
-            rows.append((rm.name, mv.version, ",".join(sorted(aliases.get(str(mv.version), []))) or "-",
-                         mv.tags.get("family", "?"), f"{metric}={value}" if metric else "-", created))
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip())
-    return 0
-
-
 def cmd_ui(a: argparse.Namespace) -> int:
     from pipelines import tracking
 
@@ -134,9 +112,7 @@ def parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_sample)
 
     sp = sub.add_parser("models", help="the model registry")
-    msub = sp.add_subparsers(dest="models_command", required=True)
-    lp = msub.add_parser("list", help="registered models and versions")
-    lp.set_defaults(fn=cmd_models_list)
+    models.add_commands(sp.add_subparsers(dest="models_command", required=True))
 
     sp = sub.add_parser("ui", help="serve the MLflow UI on 127.0.0.1")
     sp.add_argument("--host", default="127.0.0.1")

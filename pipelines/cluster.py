@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Callable
 from pathlib import Path
 
-from pipelines.errors import InvalidInput, StageFailed
+from pipelines.errors import GateFailed, InvalidInput, StageFailed
 from pipelines.tracking import genpipe_home
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -210,5 +210,8 @@ class Cluster:
             invalid = re.search(r"^genpipe: invalid input: (.*)$", logs, re.M)
             if invalid:
                 raise InvalidInput(f"{stage}: {invalid.group(1)}")
+            gate = re.search(r"^genpipe: quality gate not met: (.*)$", logs, re.M)
+            if gate:
+                raise GateFailed(gate.group(1))
             why = (info.message or status).split(",")[0]
             raise StageFailed(f"stage {stage} failed ({why}); last log lines:\n{tail}")

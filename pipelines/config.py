@@ -7,12 +7,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from gen_models import registry
 from pipelines.errors import InvalidInput
@@ -34,8 +35,20 @@ class DataSpec(Section):
 
 
 class ExtractorSpec(Section):
+    kind: Literal["classifier", "inception"] = "classifier"
+    """Features of FID/KID/IS/precision-recall: a classifier fitted on the data once per data hash, or Inception v3."""
     epochs: int = Field(2, ge=1)
-    """Epochs of the evaluation classifier, trained once per data hash."""
+    """Epochs of the evaluation classifier (kind classifier)."""
+    weights_uri: str | None = None
+    """Inception v3 weights (torchvision's state dict, safetensors or torch.save), a local path or s3://; never
+    downloaded. Required by kind inception."""
+
+    @model_validator(mode="after")
+    def _weights_for_inception(self) -> "ExtractorSpec":
+        if self.kind == "inception" and not self.weights_uri:
+            raise ValueError("kind inception needs weights_uri (a local path or s3://; weights are never downloaded)")
+        return self
+
 
 
 class ModelSpec(BaseModel):
@@ -114,9 +127,30 @@ class EvaluateSpec(Section):
     """Images in the logged sample grid."""
 
 
+def parse_gate(bound: str) -> tuple[str, float]:
+    """'<= 40' -> ('<=', 40.0): the form of a `registry.gates` bound."""
+    m = re.fullmatch(r"\s*(<=|>=|<|>)\s*(\S+)\s*", str(bound))
+    try:
+        return m.group(1), float(m.group(2))
+    except (AttributeError, ValueError):
+        raise ValueError(f"bound {bound!r} is not '<= N', '< N', '>= N' or '> N'") from None
+
+
 class RegisterSpec(Section):
     model_name: str | None = None
     """Registered model name; defaults to the pipeline name."""
+    gates: dict[str, str] = {}
+    """Metric -> bound, e.g. {fid: "<= 40", bits_per_dim: "<= 3.6"}; a model that misses one is not registered (exit 3)."""
+
+    @field_validator("gates")
+    @classmethod
+    def _bounds(cls, gates: dict[str, str]) -> dict[str, str]:
+        for metric, bound in gates.items():
+            try:
+                parse_gate(bound)
+            except ValueError as e:
+                raise ValueError(f"gate {metric}: {e}") from None
+        return gates
 
 
 class Dimension(Section):

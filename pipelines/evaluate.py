@@ -3,7 +3,10 @@ with the extractor fitted in prepare, against the test split's statistics.
 
 Every number is logged with the hashes of the extractor and of the reference
 statistics, and with the sample count: FID is biased by n, so two FIDs are
-comparable only when all three agree.
+comparable only when all three agree. Besides the feature metrics, a
+conditional family is scored on whether its samples show the class asked for,
+a likelihood family on bits/dim of the test split, and every family on its
+sampling cost (sampler, sequential passes, images/s).
 """
 
 from __future__ import annotations
@@ -85,22 +88,30 @@ def run(spec: PipelineSpec, prepared: dict, checkpoint_uri: str, *, out_uri: str
     ref = metrics.ReferenceStats.from_bytes(storage.read_verified(prepared["reference"]["uri"],
                                                                   prepared["reference"]["sha256"]))
     n = spec.evaluate.num_samples
+    # a conditional model is asked for every class equally often, so its samples also measure
+    # whether it draws the class it was asked for
+    labels = torch.arange(n, device=device) % model.config.num_classes if model.conditional else None
     t0 = time.perf_counter()
-    samples = draw(model, n, batch_size=spec.evaluate.batch_size, seed=spec.seed)
+    samples = draw(model, n, batch_size=spec.evaluate.batch_size, seed=spec.seed, labels=labels)
     sample_s = time.perf_counter() - t0
     feats, logits = metrics.extract(extractor, samples)
     kid_mean, kid_std = metrics.kid(feats, ref.features, subset_size=min(1000, n, len(ref.features)))
     is_mean, is_std = metrics.inception_score(logits)
     precision, recall = metrics.precision_recall(ref.features[:n], feats[:len(ref.features)])
+    sampler, sample_steps = model.sampling_cost()
     results = {
         "fid": metrics.fid(*_stats(feats), ref.mu, ref.sigma),
         "kid": kid_mean, "kid_std": kid_std, "is": is_mean, "is_std": is_std,
         "precision": precision, "recall": recall,
-        "sample_img_per_s": n / sample_s,
+        "sample_img_per_s": n / sample_s, "sample_steps": sample_steps,
     }
+    if labels is not None:
+        results["conditional_accuracy"] = float((logits.argmax(1) == labels.cpu().numpy()).mean())
     if model.has_log_prob:
         x_test, _ = datasets.load_split(prepared["data"], "test")
-        results["bits_per_dim"] = bits_per_dim(model, x_test)
+        with torch.random.fork_rng(devices=[]):  # ELBOs and dequantisation draw noise: the same noise on a re-run
+            torch.manual_seed(spec.seed)
+            results["bits_per_dim"] = bits_per_dim(model, x_test)
 
     png = grid_png(samples[:spec.evaluate.grid_size])
     grid_uri = storage.join(out_uri, "samples.png")
@@ -112,7 +123,7 @@ def run(spec: PipelineSpec, prepared: dict, checkpoint_uri: str, *, out_uri: str
     now = int(time.time() * 1000)
     c.log_batch(run_id, metrics=[Metric(f"eval/{k}", float(v), now, 0) for k, v in results.items()])
     tags = {"extractor_hash": prepared["extractor"]["sha256"], "reference_hash": prepared["reference"]["sha256"],
-            "eval_num_samples": str(n)}
+            "eval_num_samples": str(n), "sampler": sampler}
     if model.has_log_prob:
         tags["bits_per_dim_kind"] = "bound" if model.log_prob_is_bound else "exact"
     for k, v in tags.items():

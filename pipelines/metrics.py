@@ -10,6 +10,7 @@ same reference statistics hash; both are logged beside every metric.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from dataclasses import dataclass
 
@@ -103,18 +104,62 @@ def extract(extractor: Extractor, images: torch.Tensor, batch_size: int = 512) -
     return torch.cat(feats).numpy(), torch.cat(logits).numpy()
 
 
-def save_extractor(extractor: Extractor) -> bytes:
+class InceptionExtractor(nn.Module):
+    """torchvision's Inception v3 under given ImageNet weights: the 2048 pool features and the
+    1000-way logits, as pytorch-fid and torchmetrics use them. Greyscale is repeated to RGB and
+    every image resized to 299 bilinearly; numbers are comparable with other Inception FIDs only
+    as far as that resize and these weights agree with theirs."""
+
+    def __init__(self):
+        super().__init__()
+        from torchvision.models import inception_v3
+
+        self.config = {"kind": "inception"}
+        self.num_features = 2048
+        # transform_input: torchvision's ImageNet weights expect it, on top of the ImageNet normalisation below
+        self.net = inception_v3(weights=None, aux_logits=True, init_weights=False, transform_input=True)
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x.expand(-1, 3, -1, -1), size=(299, 299), mode="bilinear", align_corners=False)
+        net = self.net
+        x = net._transform_input((x - self.mean) / self.std)
+        for layer in (net.Conv2d_1a_3x3, net.Conv2d_2a_3x3, net.Conv2d_2b_3x3, net.maxpool1, net.Conv2d_3b_1x1,
+                      net.Conv2d_4a_3x3, net.maxpool2, net.Mixed_5b, net.Mixed_5c, net.Mixed_5d, net.Mixed_6a,
+                      net.Mixed_6b, net.Mixed_6c, net.Mixed_6d, net.Mixed_6e, net.Mixed_7a, net.Mixed_7b, net.Mixed_7c):
+            x = layer(x)
+        return net.avgpool(x).flatten(1)
+
+    def head(self, f: torch.Tensor) -> torch.Tensor:
+        return self.net.fc(f)
+
+
+def inception_from_weights(data: bytes, origin: str) -> InceptionExtractor:
+    """An InceptionExtractor from torchvision's Inception v3 state dict, as safetensors or a
+    `torch.save` file (read with weights_only: no pickled code runs)."""
+    try:
+        state = (safetensors.torch.load(data) if data[8:9] == b"{" else
+                 torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
+        model = InceptionExtractor()
+        model.net.load_state_dict(state)
+    except Exception as e:  # noqa: BLE001 - torch.load and load_state_dict raise many types for a wrong file
+        raise InvalidInput(f"{origin}: not Inception v3 weights: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    return model.eval()
+
+
+def save_extractor(extractor: Extractor | InceptionExtractor) -> bytes:
     """safetensors with the constructor args as JSON in its metadata: one blob, no pickle."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in extractor.state_dict().items()}
     return safetensors.torch.save(tensors, metadata={"config": json.dumps(extractor.config, sort_keys=True)})
 
 
-def load_extractor(data: bytes) -> Extractor:
+def load_extractor(data: bytes) -> Extractor | InceptionExtractor:
     try:
         # safetensors layout: u64 little-endian header length, then the JSON header
         n = int.from_bytes(data[:8], "little")
         config = json.loads(json.loads(data[8:8 + n])["__metadata__"]["config"])
-        model = Extractor(**config)
+        model = InceptionExtractor() if config.pop("kind", None) == "inception" else Extractor(**config)
         model.load_state_dict(safetensors.torch.load(data))
     except (ValueError, KeyError, TypeError, RuntimeError, safetensors.SafetensorError) as e:
         raise InvalidInput(f"extractor weights are corrupt or not an Extractor: {type(e).__name__}: {e}") from None

@@ -1,44 +1,80 @@
-"""The register stage: package the trained model as an MLflow pyfunc,
-register a version with its lineage as tags and a model card, and move the
-aliases: every version is `challenger`; `champion` moves only to a version
-whose primary metric beats the champion's on comparable terms."""
+"""The register stage: check the quality gates, package the trained model as an
+MLflow pyfunc, register a version with its lineage as tags and a model card,
+and move the aliases: every version is `challenger`; `champion` moves only to
+a version whose primary metric beats the champion's on comparable terms.
+
+A model that misses a gate is not registered at all: the stage exits 3 and
+says which gate it missed and by how much.
+"""
 
 from __future__ import annotations
 
 import json
+import operator
 import tempfile
 from pathlib import Path
 
 from pipelines import storage
-from pipelines.config import PipelineSpec
+from pipelines.config import PipelineSpec, parse_gate
+from pipelines.errors import GateFailed, InvalidInput
 
 GEN_MODELS_DIR = Path(__file__).resolve().parent.parent / "gen_models"
 SERVING_FILE = Path(__file__).resolve().parent / "serving.py"
+CARD_LIMIT = 5000  # characters MLflow's SQL stores keep of a version description
+
+GATE_OPS = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, ">": operator.gt}
+# What must agree before two feature metrics mean the same: the data, the features, the statistics they are
+# compared with, and n (FID is biased by the sample count).
+FEATURE_TERMS = {"data_hash": "data", "extractor_hash": "extractor", "reference_hash": "reference statistics",
+                 "eval_num_samples": "sample count"}
+FEATURE_METRICS = {"fid", "kid", "kid_std", "is", "is_std", "precision", "recall", "conditional_accuracy"}
+# Bits/dim is measured on the test split itself: comparable whenever the data is. Sampling cost (img/s,
+# steps) depends on hardware no hash covers, and is read as such.
+TERMS = {**dict.fromkeys(FEATURE_METRICS, FEATURE_TERMS), "bits_per_dim": {"data_hash": "data"}}
 
 
-def comparable(a: dict[str, str], b: dict[str, str], metric: str) -> bool:
-    """Same data, and for feature metrics the same extractor and reference statistics."""
-    if a.get("data_hash") != b.get("data_hash"):
-        return False
-    if metric == "bits_per_dim":
-        return True
-    return a.get("extractor_hash") == b.get("extractor_hash") and a.get("reference_hash") == b.get("reference_hash")
+def differences(a: dict[str, str], b: dict[str, str], metric: str) -> list[str]:
+    """Why `metric` of two versions (given their tags) cannot be compared; empty when it can."""
+    terms = TERMS.get(metric, {})
+    why = [f"{what} {a.get(k, '?')[:12]} vs {b.get(k, '?')[:12]}" for k, what in terms.items() if a.get(k) != b.get(k)]
+    missing = [f"v{t.get('version', '?')}" for t in (a, b) if f"metric.{metric}" not in t]
+    return why + ([f"{metric} not reported by {', '.join(missing)}"] if missing else [])
 
 
-def better(new: float, old: float, mode: str) -> bool:
-    return new < old if mode == "min" else new > old
+def check_gates(gates: dict[str, str], results: dict[str, float]) -> list[str]:
+    """One line per gate missed, with the margin; raises InvalidInput for a metric the model does not report."""
+    missed = []
+    for metric, bound in gates.items():
+        if metric not in results:
+            raise InvalidInput(f"registry.gates.{metric}: this model reports only {', '.join(sorted(results))}")
+        op, limit = parse_gate(bound)
+        value = results[metric]
+        if not GATE_OPS[op](value, limit):
+            missed.append(f"{metric} = {value:.4g} misses '{op} {limit:g}' by {abs(value - limit):.4g}")
+    return missed
 
 
-def model_card(spec: PipelineSpec, prepared: dict, evaluated: dict, trained: dict) -> str:
+def model_card(spec: PipelineSpec, prepared: dict, evaluated: dict, train_run, grid_uri: str) -> str:
+    """Markdown for the version's MLflow description: what a reviewer needs without running code."""
+    data = prepared["data"]
     m = evaluated["metrics"]
-    rows = "\n".join(f"| {k} | {v:.4g} |" for k, v in m.items())
-    return f"""# {spec.model_name}: {spec.model.family}
+    seconds = ((train_run.info.end_time or train_run.info.start_time) - train_run.info.start_time) // 1000
+    hardware = (f"{spec.train.num_workers} x GPU" if spec.train.use_gpu
+                else f"{spec.train.num_workers} x {spec.train.cpus_per_worker} CPU")
+    kind = evaluated.get("bits_per_dim_kind")
+    rows = "\n".join(f"| {k}{' (bound)' if k == 'bits_per_dim' and kind == 'bound' else ''} | {v:.4g} |"
+                     for k, v in m.items())
+    config = json.dumps({"model": spec.to_dict()["model"], "train": spec.to_dict()["train"]}, separators=(", ", ": "))
+    card = f"""# {spec.model_name}: {spec.model.family}
 
-- **data**: {spec.data.source}, hash `{prepared['data']['data_hash'][:16]}`
-- **training**: {spec.train.steps} steps, global batch {spec.train.batch_size}, {spec.train.num_workers} workers \
-({'GPU' if spec.train.use_gpu else 'CPU'})
-- **evaluation**: {evaluated['eval_num_samples']} samples, extractor `{evaluated['extractor_hash'][:12]}`, \
-reference statistics `{evaluated['reference_hash'][:12]}`
+- **data**: {spec.data.source}, images {'x'.join(map(str, data['shape']))}, {data['num_classes']} classes, \
+hash `{data['data_hash'][:16]}`
+- **training**: {spec.train.steps} steps, global batch {spec.train.batch_size}, {hardware}, \
+{seconds // 60} min {seconds % 60} s (train run `{train_run.info.run_id}`)
+- **evaluation**: {evaluated['eval_num_samples']} samples by `{evaluated['sampler']}`, extractor \
+`{evaluated['extractor_hash'][:12]}`, reference statistics `{evaluated['reference_hash'][:12]}`; \
+feature metrics compare only under the same data, extractor, reference statistics and sample count
+- **samples**: `samples.png` in this version's run artifacts (`{grid_uri}`)
 
 | metric | value |
 |---|---|
@@ -47,48 +83,54 @@ reference statistics `{evaluated['reference_hash'][:12]}`
 ## Config
 
 ```json
-{json.dumps(spec.to_dict()["model"], indent=2)}
+{config}
 ```
-
-Sample grid: the `samples.png` artifact of the evaluate run `{evaluated.get('run_id', '')}`.
 """
+    return card if len(card) <= CARD_LIMIT else card[:CARD_LIMIT - 20] + "\n```\n(truncated)\n"
 
 
-def run(spec: PipelineSpec, prepared: dict, trained: dict, evaluated: dict, *, run_id: str,
+def run(spec: PipelineSpec, prepared: dict, trained: dict, evaluated: dict, *, run_id: str, runs: dict[str, str],
         tracking_uri: str, code_version: str) -> dict:
     import mlflow
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    c = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    missed = check_gates(spec.registry.gates, evaluated["metrics"])
+    if missed:
+        c.set_tag(run_id, "genpipe.gates", "missed: " + "; ".join(missed))
+        raise GateFailed("; ".join(missed))
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
-    c = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     name = spec.model_name
     ckpt = trained["checkpoint"]
     with tempfile.TemporaryDirectory() as tmp:
-        weights, config = Path(tmp, "weights.safetensors"), Path(tmp, "config.json")
+        weights, config, grid = Path(tmp, "weights.safetensors"), Path(tmp, "config.json"), Path(tmp, "samples.png")
         weights.write_bytes(storage.read_bytes(storage.join(ckpt, "model.safetensors")))
         meta = json.loads(storage.read_bytes(storage.join(ckpt, "meta.json")))
         config.write_text(json.dumps({"family": meta["family"], "config": meta["config"]}))
+        grid.write_bytes(storage.read_bytes(evaluated["grid"]))
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(SERVING_FILE), code_paths=[str(GEN_MODELS_DIR)],
                 artifacts={"weights": str(weights), "config": str(config)},
                 pip_requirements=["torch==2.14.1", "safetensors", "numpy", "pandas"])
+            mlflow.log_artifact(str(grid))
     metric, mode = evaluated["primary_metric"]
     tags = {
-        "family": spec.model.family, "data_hash": prepared["data"]["data_hash"],
+        "family": spec.model.family, "data_source": spec.data.source, "data_hash": prepared["data"]["data_hash"],
         "config_hash": spec.hash("model", "train", "seed"), "code_version": code_version,
-        "extractor_hash": evaluated["extractor_hash"], "reference_hash": evaluated["reference_hash"],
-        "eval_num_samples": evaluated["eval_num_samples"], "primary_metric": metric,
+        "train_steps": str(spec.train.steps), "primary_metric": metric,
+        **{k: evaluated[k] for k in (*FEATURE_TERMS, "sampler", "bits_per_dim_kind") if k in evaluated},
+        **{f"lineage.{stage}": rid for stage, rid in runs.items()},
         **{f"metric.{k}": f"{v:.6g}" for k, v in evaluated["metrics"].items()},
     }
     try:
         c.get_registered_model(name)
     except MlflowException:
-        c.create_registered_model(name, description=f"genpipe {spec.model.family} models from pipeline {spec.name}")
-    mv = c.create_model_version(name, source=info.model_uri, run_id=run_id, tags=tags,
-                                description=model_card(spec, prepared, evaluated, trained))
+        c.create_registered_model(name, description=f"genpipe models from pipeline {spec.name}")
+    card = model_card(spec, prepared, evaluated, c.get_run(runs["train"]), evaluated["grid"])
+    mv = c.create_model_version(name, source=info.model_uri, run_id=run_id, tags=tags, description=card)
     c.set_registered_model_alias(name, "challenger", mv.version)
     aliases = ["challenger"]
     try:
@@ -97,13 +139,12 @@ def run(spec: PipelineSpec, prepared: dict, trained: dict, evaluated: dict, *, r
         champ = None
     new = evaluated["metrics"][metric]
     if champ is None:
-        reason = "no champion yet"
-        promote = True
-    elif not comparable(tags, champ.tags, metric):
-        reason, promote = f"champion v{champ.version} was scored on other data or features: not compared", False
+        promote, reason = True, "no champion yet"
+    elif why := differences({**tags, "version": mv.version}, {**champ.tags, "version": champ.version}, metric):
+        promote, reason = False, f"champion v{champ.version} not compared: {'; '.join(why)}"
     else:
         old = float(champ.tags[f"metric.{metric}"])
-        promote = better(new, old, mode)
+        promote = new < old if mode == "min" else new > old
         reason = f"{metric} {new:.4g} vs champion v{champ.version} {old:.4g}"
     if promote:
         c.set_registered_model_alias(name, "champion", mv.version)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pipelines import storage
 from pipelines.config import PipelineSpec
-from pipelines.errors import InvalidInput
+from pipelines.errors import GateFailed, InvalidInput
 
 STAGES = ("prepare", "train", "evaluate", "register")
 
@@ -61,18 +61,30 @@ def prepare(spec: PipelineSpec, root: str, run_id: str, tracking_uri: str) -> di
                                         shard_size=d.shard_size, out_uri=out)
     data_hash = manifest["data_hash"]
 
-    ext_dir = storage.join(root, "extractors", f"{data_hash[:32]}-e{spec.extractor.epochs}")
+    e = spec.extractor
+    if e.kind == "inception":
+        try:
+            weights = storage.read_bytes(e.weights_uri)
+        except (FileNotFoundError, IsADirectoryError):
+            raise InvalidInput(f"extractor.weights_uri {e.weights_uri} does not exist (Inception weights are "
+                               "never downloaded: put torchvision's inception_v3 weights there)") from None
+        ext_dir = storage.join(root, "extractors", f"{data_hash[:32]}-inception-{storage.sha256(weights)[:16]}")
+    else:
+        ext_dir = storage.join(root, "extractors", f"{data_hash[:32]}-e{e.epochs}")
     ext_uri, ref_uri, info_uri = (storage.join(ext_dir, n) for n in ("extractor.safetensors", "reference.npz",
                                                                       "extractor.json"))
     if storage.exists(info_uri):
         info = json.loads(storage.read_bytes(info_uri))
-        print(f"extractor for data {data_hash[:12]} already fitted (accuracy {info['test_accuracy']:.4f})", flush=True)
+        print(f"{e.kind} extractor for data {data_hash[:12]} already there", flush=True)
     else:
-        x, y = datasets.load_split(manifest, "train")
         xt, yt = datasets.load_split(manifest, "test")
         t0 = time.perf_counter()
-        ext, acc = metrics.train_extractor(x, y, num_classes=manifest["num_classes"], epochs=spec.extractor.epochs,
-                                           seed=spec.seed, x_test=xt, y_test=yt)
+        if e.kind == "inception":
+            ext, acc = metrics.inception_from_weights(weights, e.weights_uri), None  # ImageNet classes: no accuracy
+        else:
+            x, y = datasets.load_split(manifest, "train")
+            ext, acc = metrics.train_extractor(x, y, num_classes=manifest["num_classes"], epochs=e.epochs,
+                                               seed=spec.seed, x_test=xt, y_test=yt)
         feats, _ = metrics.extract(ext, xt.float() / 255)
         ref = metrics.reference_stats(feats)
         ext_bytes, ref_bytes = metrics.save_extractor(ext), ref.to_bytes()
@@ -81,10 +93,13 @@ def prepare(spec: PipelineSpec, root: str, run_id: str, tracking_uri: str) -> di
         info = {"test_accuracy": acc, "extractor_sha256": storage.sha256(ext_bytes),
                 "reference_sha256": storage.sha256(ref_bytes), "seconds": time.perf_counter() - t0}
         storage.write_bytes(info_uri, json.dumps(info).encode())  # last: marks the pair complete
-        print(f"extractor fitted in {info['seconds']:.0f}s: test accuracy {acc:.4f}", flush=True)
+        print(f"{e.kind} extractor and reference statistics ready in {info['seconds']:.0f}s", flush=True)
+    if info["test_accuracy"] is not None:
+        print(f"extractor test accuracy {info['test_accuracy']:.4f}", flush=True)
 
     c = MlflowClient(tracking_uri)
-    c.log_metric(run_id, "extractor/test_accuracy", info["test_accuracy"])
+    if info["test_accuracy"] is not None:
+        c.log_metric(run_id, "extractor/test_accuracy", info["test_accuracy"])
     c.set_tag(run_id, "genpipe.data_hash", data_hash)
     ds = MetaDataset(source=resolve_dataset_source(out), name=f"{d.source}-train", digest=data_hash[:32])
     c.log_inputs(run_id, [DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "training")])])
@@ -108,13 +123,18 @@ def main(argv: list[str] | None = None) -> int:
     except InvalidInput as e:
         print(f"genpipe: invalid input: {e}", file=sys.stderr, flush=True)
         return 2
+    except GateFailed as e:
+        print(f"genpipe: quality gate not met: {e}", file=sys.stderr, flush=True)
+        return 3
 
 
 def _run(a: argparse.Namespace) -> int:
     from pipelines.tracking import tracking_uri
 
     spec = PipelineSpec.model_validate(read_json(a.spec))
-    inputs = {m["stage"]: m["outputs"] for m in map(read_json, a.inputs)}
+    manifests = [read_json(uri) for uri in a.inputs]
+    inputs = {m["stage"]: m["outputs"] for m in manifests}
+    runs = {m["stage"]: m["run_id"] for m in manifests}
     if "tune" in inputs:
         # Downstream of a search the best trial is the training run: its spec and checkpoint.
         spec, inputs["train"] = spec.with_overrides(inputs["tune"]["best"]["config"]), inputs["tune"]
@@ -146,7 +166,8 @@ def _run(a: argparse.Namespace) -> int:
         from pipelines import register
 
         outputs = register.run(spec, inputs["prepare"], inputs["train"], inputs["evaluate"], run_id=a.run_id,
-                               tracking_uri=uri, code_version=code_version())
+                               runs=runs, tracking_uri=uri,
+                               code_version=code_version())
     manifest = {"stage": a.stage, "key": a.key, "spec_hash": spec.hash(), "code_version": code_version(),
                 "run_id": a.run_id, "inputs": a.inputs, "outputs": outputs, "finished_at": time.time()}
     storage.write_bytes(storage.join(stage_dir, "manifest.json"), json.dumps(manifest, indent=2).encode())

@@ -162,3 +162,7 @@ class PixelCNN(GenerativeModel):
                         v = torch.multinomial(probs, 1)
                     byte[:, k, i, j] = v[:, 0].float()
         return byte / 255
+
+    def sampling_cost(self) -> tuple[str, int]:
+        c = self.config
+        return "autoregressive", c.channels * c.image_size ** 2

@@ -154,6 +154,10 @@ class DDPM(GenerativeModel):
             raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
         return to_unit(x)
 
+    def sampling_cost(self) -> tuple[str, int]:
+        c = self.config
+        return (c.sampler, c.sample_steps if c.sampler == "ddim" else c.timesteps)
+
 
 def _as_buffers(module: nn.Module) -> nn.Module:
     """`module` with every parameter turned into a buffer of the same name, in place."""

@@ -146,3 +146,6 @@ class EBM(GenerativeModel):
         else:
             start = torch.rand(shape, generator=generator, device=generator.device).to(device)
         return self.chain(start, c.sample_steps, generator=generator)
+
+    def sampling_cost(self) -> tuple[str, int]:
+        return "langevin", self.config.sample_steps

@@ -128,3 +128,29 @@ def test_extractor_learns_fashion_mnist(tmp_path):
     x_test, y_test = data.load_split(m, "test")
     _, acc = metrics.train_extractor(x, y, num_classes=10, epochs=2, seed=0, x_test=x_test, y_test=y_test)
     assert acc >= 0.88
+
+
+def test_inception_extractor_takes_torchvision_weights_and_round_trips(tmp_path):
+    """Random weights in torchvision's Inception v3 layout stand in for the real ones, which are never downloaded."""
+    import io
+
+    from torchvision.models import inception_v3
+
+    buf = io.BytesIO()
+    torch.save(inception_v3(weights=None, aux_logits=True, init_weights=False).state_dict(), buf)
+    model = metrics.inception_from_weights(buf.getvalue(), "inception.pth")
+    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))  # greyscale 8x8, as the pipeline has
+    feats, logits = metrics.extract(model, x)
+    assert feats.shape == (2, 2048) and logits.shape == (2, 1000) and np.isfinite(feats).all()
+    again = metrics.load_extractor(metrics.save_extractor(model))
+    assert isinstance(again, metrics.InceptionExtractor)
+    assert np.allclose(metrics.extract(again, x)[0], feats)
+    with pytest.raises(InvalidInput, match="inception.pth: not Inception v3 weights"):
+        metrics.inception_from_weights(metrics.save_extractor(metrics.Extractor(1, 8, 10)), "inception.pth")
+
+
+def test_inception_needs_weights_in_the_spec():
+    from pipelines import config
+
+    with pytest.raises(InvalidInput, match="kind inception needs weights_uri"):
+        config.parse({"extractor": {"kind": "inception"}})
