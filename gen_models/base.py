@@ -12,6 +12,7 @@ each family maps it to its own range. `sample` returns [0, 1] as well.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
@@ -27,8 +28,8 @@ Metrics = dict[str, Tensor | float]
 class StepContext:
     """What a `training_step` may do to the optimizers.
 
-    The trainer owns this object so it keeps control of gradient clipping
-    (and, later, mixed precision) and logging; models never call `optimizer.step()` or
+    The trainer owns this object so it keeps control of gradient clipping,
+    mixed precision and logging; models never call `optimizer.step()` or
     `loss.backward()` themselves. `step` counts completed training steps, so
     schedules such as n_critic derive from it instead of mutating state.
     """
@@ -37,9 +38,23 @@ class StepContext:
     step: int = 0
     # Clip each optimizer's gradients to this global norm before stepping.
     grad_clip: float | None = None
+    # Autocast dtype of forward passes (torch.bfloat16), None for full precision.
+    # bf16 has float32's exponent range, so no loss scaling is needed.
+    amp_dtype: torch.dtype | None = None
+    # Device type autocast applies to ("cpu", "cuda").
+    device_type: str = "cpu"
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The context the trainer runs `training_step` in."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.amp_dtype)
 
     def backward(self, loss: Tensor, **kwargs: Any) -> None:
-        loss.backward(**kwargs)
+        # Autocast belongs to forward passes; backward ops already run in the
+        # dtypes their forward ops chose.
+        with torch.autocast(self.device_type, enabled=False):
+            loss.backward(**kwargs)
 
     def zero_grad(self, name: str) -> None:
         self.optimizers[name].zero_grad(set_to_none=True)
@@ -72,6 +87,14 @@ class GenerativeModel(nn.Module):
         """
         return {name: m for name, m in self.named_children()
                 if any(p.requires_grad for p in m.parameters())}
+
+    def compile_modules(self) -> dict[str, nn.Module]:
+        """The `ddp_modules()` that `torch.compile` may take (train.compile).
+
+        Leave out any module differentiated twice (a gradient penalty):
+        compiled graphs have no double backward.
+        """
+        return self.ddp_modules()
 
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         raise NotImplementedError

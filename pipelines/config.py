@@ -110,6 +110,12 @@ class TrainSpec(Section):
     """Clip gradients to this global norm (per optimizer)."""
     max_failures: int = Field(0, ge=-1)
     """Worker failures Ray Train recovers from (restarting from the latest checkpoint); -1 for unlimited."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Forward passes in bf16 autocast (weights, optimizer states and backward stay float32)."""
+    channels_last: bool = False
+    """NHWC memory layout for weights and batches: faster convolutions on tensor-core GPUs."""
+    compile: bool = False
+    """torch.compile each DDP module (not those a gradient penalty differentiates twice)."""
 
     @model_validator(mode="after")
     def _divisible(self) -> "TrainSpec":

@@ -40,8 +40,10 @@ class StepBatches:
     1 worker x 2b sees.
     """
 
-    def __init__(self, x: Tensor, y: Tensor, *, global_batch: int, seed: int, rank: int, world: int):
+    def __init__(self, x: Tensor, y: Tensor, *, global_batch: int, seed: int, rank: int, world: int,
+                 memory_format: torch.memory_format = torch.contiguous_format):
         self.x, self.y = x, y
+        self.memory_format = memory_format
         self.n = len(x)
         self.global_batch, self.seed, self.rank, self.world = global_batch, seed, rank, world
         self.local = global_batch // world
@@ -50,7 +52,9 @@ class StepBatches:
     def _perm(self, epoch: int) -> Tensor:
         if epoch not in self._perms:
             g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._perms = {epoch: torch.randperm(self.n, generator=g)}  # one epoch at a time suffices
+            # On the data's device: indexing a GPU tensor with CPU indices would copy
+            # them over synchronously every step, stalling the launch queue.
+            self._perms = {epoch: torch.randperm(self.n, generator=g).to(self.x.device)}  # one epoch at a time
         return self._perms[epoch]
 
     def indices(self, step: int) -> Tensor:
@@ -66,7 +70,7 @@ class StepBatches:
     def batch(self, step: int, device: torch.device) -> tuple[Tensor, Tensor]:
         idx = self.indices(step)
         x = self.x[idx].to(device, non_blocking=True).float().div_(255)
-        return x, self.y[idx].to(device, non_blocking=True)
+        return x.contiguous(memory_format=self.memory_format), self.y[idx].to(device, non_blocking=True)
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -110,6 +114,15 @@ def _rank_spread(model: GenerativeModel) -> float:
     return float(torch.cat(gathered).max() - torch.cat(gathered).min())
 
 
+def _peak_memory_mib(device: torch.device) -> float:
+    """This worker's peak: allocated device memory on a GPU, resident set size on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
+
+
 def train_loop(cfg: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -123,11 +136,15 @@ def train_loop(cfg: dict[str, Any]) -> None:
 
     manifest = cfg["data"]
     x, y = datasets.load_split(manifest, "train")
+    # The whole uint8 split on the device (47 MB for Fashion-MNIST): no host copy per step.
+    x, y = x.to(device), y.to(device)
     c, h, _ = manifest["shape"]
     model_cfg = spec.model.build_config(image_size=h, channels=c, num_classes=manifest["num_classes"])
     torch.manual_seed(spec.seed)  # identical initial weights on every rank
     model = registry.build(spec.model.family, model_cfg).to(device)
-    ctx = StepContext(optimizers=model.configure_optimizers(), grad_clip=spec.train.grad_clip)
+    ctx = StepContext(optimizers=model.configure_optimizers(), grad_clip=spec.train.grad_clip,
+                      amp_dtype=torch.bfloat16 if spec.train.precision == "bf16" else None,
+                      device_type=device.type)
     meta = {"family": spec.model.family, "config": registry.config_dict(model_cfg), "seed": spec.seed}
 
     start = 0
@@ -140,13 +157,20 @@ def train_loop(cfg: dict[str, Any]) -> None:
         if rank == 0:
             print(f"resuming from step {start}", file=sys.stderr, flush=True)
 
-    if spec.train.use_gpu:
-        for name, m in model.ddp_modules().items():
-            setattr(model, name, torch.nn.SyncBatchNorm.convert_sync_batchnorm(m))
-    model.wrap_ddp(lambda m: DDP(m, forward_sync_buffers=False,
-                                 device_ids=[device.index] if device.type == "cuda" else None))
+    memory_format = torch.channels_last if spec.train.channels_last else torch.contiguous_format
+    model.to(memory_format=memory_format)
+    if world > 1:  # one worker has nothing to all-reduce: DDP would only add its hooks' cost
+        if spec.train.use_gpu:
+            for name, m in model.ddp_modules().items():
+                setattr(model, name, torch.nn.SyncBatchNorm.convert_sync_batchnorm(m))
+        model.wrap_ddp(lambda m: DDP(m, forward_sync_buffers=False,
+                                     device_ids=[device.index] if device.type == "cuda" else None))
+    if spec.train.compile:
+        for m in model.compile_modules().values():
+            m.compile()  # in place: state_dict keys stay as they are
 
-    batches = StepBatches(x, y, global_batch=spec.train.batch_size, seed=spec.seed, rank=rank, world=world)
+    batches = StepBatches(x, y, global_batch=spec.train.batch_size, seed=spec.seed, rank=rank, world=world,
+                          memory_format=memory_format)
     logger = _MetricLogger(cfg["tracking_uri"], cfg["run_id"]) if rank == 0 else None
     validate = cfg.get("validate") if rank == 0 else None  # a search's trial metric (pipelines/tune.py)
 
@@ -157,6 +181,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
             _average_buffers(model)
             # A desync (e.g. a module called outside its DDP wrapper) shows up here, not in the samples.
             metrics["train/rank_param_spread"] = _rank_spread(model)
+            metrics["train/peak_mem_mib"] = _peak_memory_mib(device)
         if validate:
             metrics |= validate(model)
         if logger:
@@ -187,25 +212,25 @@ def run_steps(model: GenerativeModel, ctx: StepContext, batches: StepBatches, *,
               seed: int, device: torch.device, report_due) -> Iterator[tuple[int, dict[str, float]]]:
     """The hot loop: steps `start`..`stop`, yielding (step, window means + img/s) when `report_due(step)`.
 
-    Metrics are summed as tensors, so no step waits on a host sync; time spent by
-    the consumer between yields is not counted in img_per_s.
+    A step's metrics (detached tensors) are only kept; they are averaged at the
+    report, so no step waits on a host sync or launches kernels of its own. Time
+    spent by the consumer between yields is not counted in img_per_s.
     """
     model.train()
-    sums: dict[str, Tensor | float] = {}
-    window, t0 = 0, time.perf_counter()
+    window: list[dict] = []
+    t0 = time.perf_counter()
     for step in range(start, stop):
         torch.manual_seed(step_seed(seed, batches.rank, step))
         ctx.step = step
-        out = model.training_step(batches.batch(step, device), ctx)
+        with ctx.autocast():
+            out = model.training_step(batches.batch(step, device), ctx)
         model.on_step_end(step + 1)
-        for k, v in out.items():
-            sums[k] = sums.get(k, 0) + (v.detach() if isinstance(v, Tensor) else v)
-        window += 1
+        window.append(out)
         if report_due(step + 1):
-            metrics = {k: float(v) / window for k, v in sums.items()}
-            metrics["img_per_s"] = batches.global_batch * window / (time.perf_counter() - t0)
+            metrics = {k: float(sum(o[k] for o in window)) / len(window) for k in window[0]}
+            metrics["img_per_s"] = batches.global_batch * len(window) / (time.perf_counter() - t0)
             yield step + 1, metrics
-            sums, window, t0 = {}, 0, time.perf_counter()
+            window, t0 = [], time.perf_counter()
 
 
 class _MetricLogger:

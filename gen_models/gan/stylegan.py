@@ -97,7 +97,7 @@ class StyleGenerator(nn.Module):
         w = self.mapping(z)
         ws = w[:, None].expand(-1, NUM_LAYERS, -1)
         if self.training:
-            self.w_avg.lerp_(w.detach().mean(0), 1 - c.w_avg_beta)
+            self.w_avg.lerp_(w.detach().mean(0).to(self.w_avg.dtype), 1 - c.w_avg_beta)  # w is bf16 under autocast
             # Per image: mix with prob p; layers from a crossover in [1, L-1] on take w2,
             # so a mixed image has w1 at the first layer and w2 at the last.
             w2 = self.mapping(torch.randn_like(z))

@@ -109,6 +109,10 @@ class WGAN(AdversarialModel):
         # and existing checkpoints' keys use.
         return {"generator": self.generator, "critic": self.critic}
 
+    def compile_modules(self) -> dict[str, nn.Module]:
+        # The penalty differentiates the critic twice.
+        return {"generator": self.generator} if self.config.variant == "gp" else self.ddp_modules()
+
     def build_optimizer(self, module: nn.Module) -> torch.optim.Optimizer:
         if self.config.variant == "clip":
             return torch.optim.RMSprop(module.parameters(), lr=self.config.lr)

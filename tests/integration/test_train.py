@@ -57,6 +57,9 @@ def test_ddp_ranks_stay_identical(home):
     spread = c.get_metric_history(run.info.run_id, "train/rank_param_spread")
     assert [m.step for m in spread] == [10, 20, 30]
     assert all(m.value == 0.0 for m in spread)
+    peak = c.get_metric_history(run.info.run_id, "train/peak_mem_mib")
+    assert [m.step for m in peak] == [10, 20, 30]
+    assert all(100 < m.value < 20_000 for m in peak)  # a torch worker's resident set: hundreds of MiB
 
 
 def test_interrupted_training_resumes_to_the_uninterrupted_result(home):
