@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import uuid
@@ -74,8 +75,12 @@ def _start_head(cpus: int, log) -> str:
     # suite's and a user's) don't fight over them.
     fixed = ("ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
              "metrics-export-port", "runtime-env-agent-port")
+    # A temp dir of its own: Ray resolves "auto" (how a job's driver finds its cluster) to the
+    # newest head sharing a temp dir, so with the default /tmp/ray jobs run on another head.
+    temp_dir = tempfile.mkdtemp(prefix="genpipe-ray-")
     cmd = [ray_bin(), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", f"--num-cpus={cpus}",
+           f"--temp-dir={temp_dir}",
            "--disable-usage-stats", "--include-dashboard=true", *(f"--{p}={_free_port()}" for p in fixed)]
     state = _state_file()
     state.parent.mkdir(parents=True, exist_ok=True)
