@@ -116,6 +116,13 @@ class TrainSpec(Section):
     """NHWC memory layout for weights and batches: faster convolutions on tensor-core GPUs."""
     compile: bool = False
     """torch.compile each DDP module (not those a gradient penalty differentiates twice)."""
+    on_nan: Literal["stop", "rollback"] = "stop"
+    """A non-finite training metric on any rank (checked at every report; all ranks agree through an
+    all-reduce): stop with an error, or roll back to the last checkpoint with a lower learning rate."""
+    nan_lr_factor: float = Field(0.5, gt=0, lt=1)
+    """Learning rates are multiplied by this at each rollback."""
+    max_rollbacks: int = Field(3, ge=1)
+    """Rollbacks before the run stops with an error."""
 
     @model_validator(mode="after")
     def _divisible(self) -> "TrainSpec":

@@ -12,12 +12,15 @@ name (and to workers restarted after a failure).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import math
 import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -123,6 +126,38 @@ def _peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
 
 
+class NonFiniteMetrics(RuntimeError):
+    """Some rank's training metrics were NaN or infinite at a report."""
+
+
+def _all_finite(metrics: dict[str, float], device: torch.device) -> bool:
+    """True when every rank's metrics are finite: one all-reduce, so all ranks take the same branch."""
+    bad = torch.tensor([0.0 if all(math.isfinite(v) for v in metrics.values()) else 1.0], device=device)
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return not bad.item()
+
+
+@dataclass
+class _Snapshot:
+    """The last checkpoint's state, kept in memory (on the device) for a rollback."""
+
+    step: int
+    model: dict[str, Tensor]
+    optimizers: dict[str, dict]
+
+    @classmethod
+    def take(cls, model: GenerativeModel, ctx: StepContext, step: int) -> _Snapshot:
+        return cls(step, {k: v.detach().clone() for k, v in model.state_dict().items()},
+                   {n: copy.deepcopy(o.state_dict()) for n, o in ctx.optimizers.items()})
+
+    def restore(self, model: GenerativeModel, ctx: StepContext, lr_factor: float) -> None:
+        model.load_state_dict(self.model)
+        for name, opt in ctx.optimizers.items():
+            opt.load_state_dict(copy.deepcopy(self.optimizers[name]))
+            for group in opt.param_groups:
+                group["lr"] *= lr_factor
+
+
 def train_loop(cfg: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -174,11 +209,19 @@ def train_loop(cfg: dict[str, Any]) -> None:
     logger = _MetricLogger(cfg["tracking_uri"], cfg["run_id"]) if rank == 0 else None
     validate = cfg.get("validate") if rank == 0 else None  # a search's trial metric (pipelines/tune.py)
 
+    snapshot = _Snapshot.take(model, ctx, start)
+
     def report(step: int, metrics: dict[str, float]) -> None:
+        nonlocal snapshot
+        # Before anything is logged or saved: a NaN never reaches MLflow or a checkpoint.
+        if not _all_finite(metrics, device):
+            raise NonFiniteMetrics(f"non-finite training metrics in the {spec.train.log_every} steps up to "
+                                   f"step {step} on at least one rank")
         metrics = {f"train/{k}": v for k, v in metrics.items()}
         checkpoint_due = step % spec.train.checkpoint_every == 0 or step == spec.train.steps
         if checkpoint_due:
             _average_buffers(model)
+            snapshot = _Snapshot.take(model, ctx, step)
             # A desync (e.g. a module called outside its DDP wrapper) shows up here, not in the samples.
             metrics["train/rank_param_spread"] = _rank_spread(model)
             metrics["train/peak_mem_mib"] = _peak_memory_mib(device)
@@ -201,9 +244,24 @@ def train_loop(cfg: dict[str, Any]) -> None:
 
     due = lambda done: (done % spec.train.log_every == 0 or done % spec.train.checkpoint_every == 0  # noqa: E731
                         or done == spec.train.steps)
-    for step, metrics in run_steps(model, ctx, batches, start=start, stop=spec.train.steps, seed=spec.seed,
-                                   device=device, report_due=due):
-        report(step, metrics)
+    rollbacks, step = 0, start
+    while True:
+        try:
+            for step, metrics in run_steps(model, ctx, batches, start=snapshot.step, stop=spec.train.steps,
+                                           seed=spec.seed, device=device, report_due=due):
+                report(step, metrics)
+            break
+        except NonFiniteMetrics as e:
+            if spec.train.on_nan == "stop" or rollbacks == spec.train.max_rollbacks:
+                hint = ("set train.on_nan: rollback to retry from the last checkpoint with a lower learning rate"
+                        if spec.train.on_nan == "stop" else f"gave up after {rollbacks} rollbacks")
+                raise NonFiniteMetrics(f"{e}; {hint}") from None
+            rollbacks += 1
+            factor = spec.train.nan_lr_factor ** rollbacks
+            snapshot.restore(model, ctx, factor)
+            if rank == 0:
+                os.write(2, f"{e}: rolled back to step {snapshot.step}, learning rates x{factor:g} "
+                            f"(rollback {rollbacks}/{spec.train.max_rollbacks})\n".encode())
     if start >= spec.train.steps:  # re-run of a finished run: hand the final weights on again
         report(start, {})
 

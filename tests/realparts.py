@@ -25,6 +25,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Distinctive (moto accepts any): a test greps everything a pipeline writes for them.
+AWS_KEY_ID, AWS_SECRET = "GPTESTKEYQ7W2E9R4", "gp-test-secret-5f3b7c2d1e9a"
+
+
 @pytest.fixture(scope="session")
 def moto_s3(tmp_path_factory):
     """A moto S3 server on 127.0.0.1 with bucket `genpipe`; env set for boto3, pyarrow and Ray."""
@@ -38,12 +42,12 @@ def moto_s3(tmp_path_factory):
             break
         except Exception:
             time.sleep(0.1)
-    env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+    env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": AWS_KEY_ID, "AWS_SECRET_ACCESS_KEY": AWS_SECRET,
            "AWS_DEFAULT_REGION": "us-east-1"}
     import boto3
 
-    boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="testing",
-                 aws_secret_access_key="testing").create_bucket(Bucket="genpipe")
+    boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id=AWS_KEY_ID,
+                 aws_secret_access_key=AWS_SECRET).create_bucket(Bucket="genpipe")
     yield env
     proc.terminate()
     proc.wait(10)

@@ -4,6 +4,7 @@ run resumes to the same result as an uninterrupted one."""
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
 import time
@@ -96,3 +97,40 @@ def test_interrupted_training_resumes_to_the_uninterrupted_result(home):
     for k in ref:
         torch.testing.assert_close(cut[k], ref[k], rtol=0, atol=1e-6, msg=k)
     assert {r.info.status for r in c.search_runs([exp])} == {"FINISHED"}
+
+
+# An Adam learning rate of 1e4 sends the VAE's weights, then its loss, to inf/NaN within a few steps.
+BLOW_UP = ["model.lr=10000", "train.use_gpu=false", "train.num_workers=2", "train.batch_size=64",
+           "train.max_failures=0", "train.steps=40", "train.checkpoint_every=20", "train.log_every=10"]
+
+
+def test_non_finite_loss_stops_with_a_clear_error(home):
+    args = ["train", "--config", "jobs/vae.yaml", *DIGITS, "--set", "name=nan-stop"]
+    for s in BLOW_UP:
+        args += ["--set", s]
+    r = genpipe(home, *args)
+    assert r.returncode == 1
+    assert "non-finite training metrics" in r.stderr and "train.on_nan: rollback" in r.stderr
+    c = _mlflow(home)
+    exp = c.get_experiment_by_name("nan-stop").experiment_id
+    (run,) = c.search_runs([exp], filter_string="attributes.run_name = 'nan-stop/train'")
+    assert run.info.status == "FAILED"
+    # Nothing non-finite was logged: the check runs before the report.
+    for key in run.data.metrics:
+        assert all(math.isfinite(m.value) for m in c.get_metric_history(run.info.run_id, key)), key
+
+
+def test_non_finite_loss_rolls_back_with_a_lower_learning_rate(home):
+    # x1e-6 takes lr 1e4 to 1e-2, where the VAE trains: one rollback, to the start, then to the end.
+    r = _train(home, "nan-rollback", *BLOW_UP, "train.on_nan=rollback", "train.nan_lr_factor=1e-6",
+               config="jobs/vae.yaml")
+    assert "rolled back to step 0, learning rates x1e-06 (rollback 1/3)" in r.stderr
+    meta = json.loads((_final_checkpoint(home, "nan-rollback") / "meta.json").read_text())
+    assert meta["step"] == 40
+    weights = load_file(_final_checkpoint(home, "nan-rollback") / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    c = _mlflow(home)
+    exp = c.get_experiment_by_name("nan-rollback").experiment_id
+    (run,) = c.search_runs([exp], filter_string="attributes.run_name = 'nan-rollback/train'")
+    loss = c.get_metric_history(run.info.run_id, "train/loss")
+    assert max(m.step for m in loss) == 40 and all(math.isfinite(m.value) for m in loss)
