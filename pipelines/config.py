@@ -237,6 +237,8 @@ class TuneSpec(Section):
     """ASHA: the share 1/reduction_factor of trials at a rung that go on."""
     perturbation_interval: int | None = Field(None, ge=1)
     """PBT: steps between exploit/explore decisions; default eval_every."""
+    synch: bool = False
+    """PBT: trials wait for each other at every perturbation, so each decision sees the whole population."""
 
     @model_validator(mode="after")
     def _compatible(self) -> "TuneSpec":

@@ -138,7 +138,7 @@ def trial(config: dict[str, Any], *, spec: dict, prepared: dict, parent_run: str
     # rather than the donor's a PBT exploit hands over.
     origin = hashlib.sha256(start.path.encode()).hexdigest()[:8] if start else "start"
     reports = Queue(actor_options={"num_cpus": 0})
-    failure: list[BaseException] = []
+    failure: list[Exception] = []
 
     def fit() -> None:
         try:
@@ -146,7 +146,7 @@ def trial(config: dict[str, Any], *, spec: dict, prepared: dict, parent_run: str
                       storage_path=storage.join(storage_path, "trials"), name=f"{trial_id}-{origin}",
                       callbacks=[_forward_reports(reports)], start_from=start,
                       validate=Validation(prepared, objective(base)[0], base.tune.eval_samples, base.seed))
-        except BaseException as e:
+        except Exception as e:  # raised again in the trial's thread, where Tune sees it
             failure.append(e)
         finally:
             reports.put(None)
@@ -160,6 +160,14 @@ def trial(config: dict[str, Any], *, spec: dict, prepared: dict, parent_run: str
         raise failure[0]
 
 
+def trial_run(c, parent_run: str, trial_id: str):
+    """The MLflow run of trial `trial_id` of the search whose run is `parent_run`, if it opened one."""
+    found = c.search_runs([c.get_run(parent_run).info.experiment_id], max_results=1,
+                          filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}' and "
+                                        f"tags.`mlflow.parentRunId` = '{parent_run}'")
+    return found[0] if found else None
+
+
 def _trial_runs_callback(tracking_uri: str, parent_run: str, metric: str):
     """Closes each trial's MLflow run when Tune says the trial ended, and prints one line per result."""
     from mlflow.tracking import MlflowClient
@@ -168,9 +176,8 @@ def _trial_runs_callback(tracking_uri: str, parent_run: str, metric: str):
     class TrialRuns(tune.Callback):
         def _close(self, trial, status: str) -> None:
             c = MlflowClient(tracking_uri)
-            for run in c.search_runs([c.get_run(parent_run).info.experiment_id],
-                                     filter_string=f"tags.`{TRIAL_TAG}` = '{trial.trial_id}' and "
-                                                   f"tags.`mlflow.parentRunId` = '{parent_run}'"):
+            run = trial_run(c, parent_run, trial.trial_id)
+            if run:  # none when the trial failed before it could open one
                 c.set_terminated(run.info.run_id, status)
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -202,8 +209,9 @@ def concurrent_trials(spec: PipelineSpec) -> int:
     if spec.tune.max_concurrent_trials:
         return spec.tune.max_concurrent_trials
     total, t = ray.cluster_resources(), spec.train
-    fits = total.get("GPU", 0) // t.num_workers if t.use_gpu else total.get("CPU", 0) // (t.num_workers * t.cpus_per_worker)
-    return max(1, int(fits))
+    if t.use_gpu:
+        return max(1, int(total.get("GPU", 0) // t.num_workers))
+    return max(1, int(total.get("CPU", 0) // (t.num_workers * t.cpus_per_worker)))
 
 
 def _scheduler(spec: PipelineSpec):
@@ -219,7 +227,7 @@ def _scheduler(spec: PipelineSpec):
         mutations = {k: list(getattr(d, d.kind)) if d.kind in ("choice", "grid") else _domain(d)
                      for k, d in t.space.items()}
         return PopulationBasedTraining(time_attr="step", perturbation_interval=t.perturbation_interval or t.eval_every,
-                                       hyperparam_mutations=mutations)
+                                       hyperparam_mutations=mutations, synch=t.synch)
     return None
 
 
@@ -235,6 +243,7 @@ def run(spec: PipelineSpec, prepared: dict, *, run_id: str, tracking_uri: str, s
         resume: bool) -> dict:
     """Search; log the trials table; return the best trial's checkpoint, config and metric."""
     import ray
+    from mlflow.tracking import MlflowClient
     from ray import tune
 
     metric, mode = objective(spec)
@@ -265,8 +274,14 @@ def run(spec: PipelineSpec, prepared: dict, *, run_id: str, tracking_uri: str, s
                                         num_samples=t.num_samples, max_concurrent_trials=concurrent_trials(spec),
                                         time_budget_s=t.time_budget_s),
             run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=0,
+                                      # A trial whose Train run dies (a lost worker or node) starts again
+                                      # from its last checkpoint, as Ray's guide to Train in Tune advises.
+                                      failure_config=tune.FailureConfig(max_failures=spec.train.max_failures),
                                       callbacks=[_trial_runs_callback(tracking_uri, run_id, metric)],
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=spec.train.num_to_keep)))
+                                      # A PBT donor's checkpoint must outlive the donor's next ones: the
+                                      # exploiting trial reads it only once its Train run has started.
+                                      checkpoint_config=tune.CheckpointConfig(
+                                          num_to_keep=None if t.scheduler == "pbt" else spec.train.num_to_keep)))
     results = tuner.fit()
 
     rows = [_row(spec, r, metric) for r in results]
@@ -275,9 +290,8 @@ def run(spec: PipelineSpec, prepared: dict, *, run_id: str, tracking_uri: str, s
         raise StageFailed(f"no trial reported a finite {metric}; trials:\n{format_table(rows)}")
     best = results.get_best_result(metric=metric, mode=mode, scope="last")
     best_id = best.metrics["trial_id"]
-    c = tracking.client()
-    best_run = c.search_runs([c.get_run(run_id).info.experiment_id],
-                             filter_string=f"tags.`{TRIAL_TAG}` = '{best_id}' and tags.`mlflow.parentRunId` = '{run_id}'")[0]
+    c = MlflowClient(tracking_uri)
+    best_run = trial_run(c, run_id, best_id)
     c.set_tag(best_run.info.run_id, BEST_TAG, "true")
     c.set_tag(run_id, BEST_TAG, best_id)
     c.log_metric(run_id, f"best/{metric}", best.metrics[metric])

@@ -17,6 +17,7 @@ from tests.realparts import DIGITS, GENPIPE, REPO, genpipe, last_json
 pytestmark = pytest.mark.integration
 
 SMOKE = ["--config", "jobs/smoke_tune.yaml", *DIGITS]
+SEARCH_TIMEOUT = 1200  # a safety net for a whole search through the CLI, not a measurement
 
 
 def _client(home) -> MlflowClient:
@@ -29,7 +30,7 @@ def _manifest(home, name: str, stage: str) -> dict:
 
 
 def test_smoke_tune_spec_searches_then_evaluates_and_registers_the_best(home):
-    r = genpipe(home, "pipeline", *SMOKE, "--set", "name=tune-smoke")
+    r = genpipe(home, "pipeline", *SMOKE, "--set", "name=tune-smoke", timeout=SEARCH_TIMEOUT)
     assert r.returncode == 0, r.stderr[-3000:]
     out = last_json(r.stdout)
     assert set(out["runs"]) == {"pipeline", "prepare", "tune", "evaluate", "register"}
@@ -69,8 +70,8 @@ def test_asha_stops_diverging_learning_rates_and_the_best_comes_from_the_good_re
     # diverging trials are stopped at the first rung, and a good one wins, having run every step.
     r = genpipe(home, "tune", *SMOKE, "--set", "name=tune-asha",
                 "--set", "model={family: vae, hidden: 32, z_dim: 4}",
-                "--set", "tune.space={model.lr: {grid: [0.003, 0.01, 3.0, 10.0]}}",
-                "--set", "tune.num_samples=1", "--set", "tune.max_concurrent_trials=2")
+                "--set", "tune.space={model.lr: {grid: [0.003, 0.01, 3.0, 10.0]}}", "--set", "tune.search=random",
+                "--set", "tune.num_samples=1", "--set", "tune.max_concurrent_trials=2", timeout=SEARCH_TIMEOUT)
     assert r.returncode == 0, r.stderr[-3000:]
     best = last_json(r.stdout)["best"]
     assert best["metric"]["name"] == "val/bits_per_dim"
@@ -104,7 +105,7 @@ def test_a_killed_search_resumes_without_rerunning_or_duplicating(home):
     proc = subprocess.Popen([GENPIPE, *args], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     tune_dir = home["path"] / "storage" / "tune-resume" / "tune"
-    deadline = time.time() + 600
+    deadline = time.time() + SEARCH_TIMEOUT
     while len(_checkpointed_trials(next(iter(tune_dir.glob("search-*")), tune_dir))) < 2:
         assert proc.poll() is None, "the search ended before it could be interrupted"
         assert time.time() < deadline
@@ -115,32 +116,36 @@ def test_a_killed_search_resumes_without_rerunning_or_duplicating(home):
     c = _client(home)
     exp = c.get_experiment_by_name("tune-resume").experiment_id
     assert "RUNNING" not in {r.info.status for r in c.search_runs([exp])}
+    finished = {t.data.tags.get("genpipe.trial_id") for t in c.search_runs([exp])
+                if t.info.status == "FINISHED"} - {None}
+    assert finished  # the trial that ended before the cut
+    train_runs = {p.name for p in (tune_dir / "trials").iterdir()}
 
     r = genpipe(home, *args)  # without --resume: refused, the interrupted search is left as it was
     assert r.returncode == 2 and "continue it with --resume" in r.stderr, r.stderr[-2000:]
-    r = genpipe(home, *args, "--resume")
+    r = genpipe(home, *args, "--resume", timeout=SEARCH_TIMEOUT)
     assert r.returncode == 0, r.stderr[-3000:]
 
     trial_runs = c.search_runs([exp], filter_string="attributes.run_name LIKE 'tune-resume/tune/%'")
     assert len(trial_runs) == 2  # the interrupted trial's run was reopened, not duplicated
     assert {t.info.status for t in trial_runs} == {"FINISHED"}
-    # Each start of a trial is a Train run named after its starting checkpoint: the finished trial
-    # has one run (never re-run), the interrupted one a second run from its checkpoint, none from scratch.
-    train_runs = sorted(p.name for p in (tune_dir / "trials").iterdir())
-    first, second = sorted(t.data.tags["genpipe.trial_id"] for t in trial_runs)
-    assert [n for n in train_runs if n.startswith(first)] == [f"{first}-start"]
-    resumed = [n for n in train_runs if n.startswith(second)]
-    assert len(resumed) == 2 and f"{second}-start" in resumed, train_runs
-    steps = [m.step for m in c.get_metric_history(trial_runs[0].info.run_id, "val/fid")]
-    assert max(steps) == 60
+    # Each start of a trial is a Train run named after its starting checkpoint ("-start": none).
+    # Since the cut: no run of a finished trial, and no trial started from scratch.
+    new_runs = {p.name for p in (tune_dir / "trials").iterdir()} - train_runs
+    assert new_runs and not any(n.startswith(tuple(finished)) or n.endswith("-start") for n in new_runs), new_runs
+    for t in trial_runs:
+        assert max(m.step for m in c.get_metric_history(t.info.run_id, "val/fid")) == 60
 
 
 def test_pbt_exploited_trial_continues_from_the_donors_checkpoint_and_step(home):
     # Two VAE trials, one diverging (lr 3): at a perturbation the worse one takes the better one's
     # checkpoint and a perturbed lr, and goes on from the donor's step rather than from its own or 0.
+    # Synchronous, so the first trial cannot finish before the second has a score to compare.
     r = genpipe(home, "tune", *SMOKE, "--set", "name=tune-pbt", "--set", "model={family: vae, hidden: 32, z_dim: 4}",
-                "--set", "tune.space={model.lr: {grid: [0.01, 3.0]}}", "--set", "tune.scheduler=pbt",
-                "--set", "tune.num_samples=1", "--set", "tune.max_concurrent_trials=2", "--set", "train.steps=80")
+                "--set", "tune.space={model.lr: {grid: [0.01, 3.0]}}", "--set", "tune.search=random",
+                "--set", "tune.scheduler=pbt", "--set", "tune.synch=true",
+                "--set", "tune.num_samples=1", "--set", "tune.max_concurrent_trials=2", "--set", "train.steps=80",
+                timeout=SEARCH_TIMEOUT)
     assert r.returncode == 0, r.stderr[-3000:]
     c = _client(home)
     exp = c.get_experiment_by_name("tune-pbt").experiment_id
