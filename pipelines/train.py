@@ -207,14 +207,16 @@ def train_loop(cfg: dict[str, Any]) -> None:
     batches = StepBatches(x, y, global_batch=spec.train.batch_size, seed=spec.seed, rank=rank, world=world,
                           memory_format=memory_format)
     logger = _MetricLogger(cfg["tracking_uri"], cfg["run_id"]) if rank == 0 else None
-    validate = cfg.get("validate") if rank == 0 else None  # a search's trial metric (pipelines/tune.py)
+    searching = cfg.get("validate") is not None
+    validate = cfg["validate"] if searching and rank == 0 else None  # a search's trial metric (pipelines/tune.py)
 
     snapshot = _Snapshot.take(model, ctx, start)
 
     def report(step: int, metrics: dict[str, float]) -> None:
         nonlocal snapshot
-        # Before anything is logged or saved: a NaN never reaches MLflow or a checkpoint.
-        if not _all_finite(metrics, device):
+        # Before anything is logged or saved: a NaN never reaches MLflow or a checkpoint. Except in a
+        # search trial, which scores a diverged run as the worst (tune.Validation) for the scheduler to stop.
+        if not searching and not _all_finite(metrics, device):
             raise NonFiniteMetrics(f"non-finite training metrics in the {spec.train.log_every} steps up to "
                                    f"step {step} on at least one rank")
         metrics = {f"train/{k}": v for k, v in metrics.items()}
