@@ -1,0 +1,228 @@
+"""Registry review end to end: three real pipelines (a conditional GAN, PixelCNN,
+DDPM) on digits through the CLI, then gates, aliases, `genpipe models` and a
+real `mlflow models serve` answering HTTP on 127.0.0.1.
+
+The pipelines run once, in one module fixture; every test reads their result.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from tests.realparts import DIGITS, GENPIPE, REPO, genpipe, last_json
+
+pytestmark = pytest.mark.integration
+
+# one worker and a batch of 32: these tests are about what happens after training
+TRAIN = ["--set", "train.num_workers=1", "--set", "train.batch_size=32", "--set", "train.steps=60",
+         "--set", "train.checkpoint_every=60", "--set", "train.log_every=20"]
+PIPELINES = {
+    "cgan": ["--set", "model.family=cgan", "--set", "registry.model_name=reg-digits"],
+    # fewer samples than the others: its FID must then be flagged as not comparable with theirs
+    "pixelcnn": ["--set", "model.family=pixelcnn", "--set", "model.hidden=16", "--set", "model.num_layers=2",
+                 "--set", "evaluate.num_samples=200", "--set", "registry.model_name=reg-pixelcnn"],
+    "ddpm": ["--set", "model.family=ddpm", "--set", "model.timesteps=32", "--set", "model.base_channels=8",
+             "--set", "model.channel_mults=[1,2]", "--set", "model.num_res_blocks=1", "--set", "model.ema_decay=0.9",
+             "--set", "model.sampler=ddim", "--set", "model.sample_steps=10",
+             "--set", "registry.model_name=reg-digits"],
+}
+
+
+def spec_args(family: str) -> list[str]:
+    return [*DIGITS, *TRAIN, "--set", f"name=reg-{family}", *PIPELINES[family]]
+
+
+@pytest.fixture(scope="module")
+def reviewed(home):
+    """cgan -> reg-digits v1; a gate that fails on the cgan (no version); ddpm -> reg-digits v2; pixelcnn."""
+    out = {}
+    for family in ("cgan", "gate", "pixelcnn", "ddpm"):
+        if family == "gate":
+            r = genpipe(home, "register", *spec_args("cgan"), "--set", "registry.gates.fid=<= 0.001",
+                        "--set", "registry.gates.precision=>= 0")
+        else:
+            r = genpipe(home, "pipeline", *spec_args(family))
+            assert r.returncode == 0, r.stderr[-3000:]
+        out[family] = r
+    uri = f"sqlite:///{home['path'] / 'mlflow.db'}"
+    return {"runs": out, "client": MlflowClient(uri, registry_uri=uri), "tracking_uri": uri}
+
+
+def version(reviewed, name: str, ref: str):
+    c = reviewed["client"]
+    return c.get_model_version_by_alias(name, ref) if not ref.isdigit() else c.get_model_version(name, ref)
+
+
+def test_each_family_reports_its_metrics(reviewed):
+    cgan, pixelcnn, ddpm = (last_json(reviewed["runs"][f].stdout)["metrics"] for f in ("cgan", "pixelcnn", "ddpm"))
+    for m in (cgan, pixelcnn, ddpm):
+        assert all(np.isfinite(m[k]) for k in ("fid", "kid", "is", "precision", "recall", "sample_img_per_s"))
+    # asked for every class equally often, the samples are classified as one of them: a share, not chance by fiat
+    assert 0 <= cgan["conditional_accuracy"] <= 1 and "conditional_accuracy" not in ddpm
+    assert "bits_per_dim" not in cgan and "bits_per_dim" not in ddpm
+    # exact, and better than the 8 bits/dim of a uniform byte model after 60 steps
+    assert 0 < pixelcnn["bits_per_dim"] < 8
+    assert (cgan["sample_steps"], pixelcnn["sample_steps"], ddpm["sample_steps"]) == (1, 64, 10)
+    tags = {f: version(reviewed, n, v).tags for f, n, v in
+            (("cgan", "reg-digits", "1"), ("ddpm", "reg-digits", "2"), ("pixelcnn", "reg-pixelcnn", "1"))}
+    assert (tags["cgan"]["sampler"], tags["ddpm"]["sampler"], tags["pixelcnn"]["sampler"]) == \
+        ("one pass", "ddim", "autoregressive")
+    assert tags["pixelcnn"]["bits_per_dim_kind"] == "exact" and tags["pixelcnn"]["eval_num_samples"] == "200"
+    assert tags["cgan"]["extractor_hash"] == tags["ddpm"]["extractor_hash"] == tags["pixelcnn"]["extractor_hash"]
+
+
+def test_a_missed_gate_exits_3_names_it_and_registers_nothing(reviewed):
+    r = reviewed["runs"]["gate"]
+    assert r.returncode == 3, r.stderr[-3000:]
+    fid = float(version(reviewed, "reg-digits", "1").tags["metric.fid"])
+    line = r.stderr.strip().splitlines()[-1]
+    missed = re.fullmatch(r"genpipe: quality gate not met: fid = (\S+) misses '<= 0.001' by (\S+)", line)
+    assert missed, line  # one line, the gate that missed only: precision >= 0 passed
+    assert float(missed[1]) == pytest.approx(fid, rel=1e-3) and float(missed[2]) == pytest.approx(fid - 0.001, rel=1e-3)
+    # the ddpm registered next is v2: the gated cgan made no version
+    assert [int(v.version) for v in reviewed["client"].search_model_versions("name = 'reg-digits'")] in ([1, 2], [2, 1])
+
+
+def test_challenger_is_the_newest_and_champion_the_best_comparable(reviewed):
+    v1, v2 = version(reviewed, "reg-digits", "1"), version(reviewed, "reg-digits", "2")
+    assert version(reviewed, "reg-digits", "challenger").version == v2.version
+    best = min((v1, v2), key=lambda v: float(v.tags["metric.fid"]))
+    assert version(reviewed, "reg-digits", "champion").version == best.version
+    said = "registered reg-digits v2 (challenger" + (", champion)" if best is v2 else ")")
+    assert said in reviewed["runs"]["ddpm"].stderr
+
+
+def test_the_model_card_is_the_version_description(reviewed):
+    v = version(reviewed, "reg-pixelcnn", "1")
+    card = v.description
+    assert card.startswith("# reg-pixelcnn: pixelcnn")
+    assert v.tags["data_hash"][:16] in card and v.tags["extractor_hash"][:12] in card
+    assert "60 steps, global batch 32, 1 x 1 CPU" in card and "200 samples by `autoregressive`" in card
+    assert "| bits_per_dim (bound) |" not in card and "| bits_per_dim |" in card
+    assert '"family": "pixelcnn"' in card and "samples.png" in card
+    assert "samples.png" in [a.path for a in reviewed["client"].list_artifacts(v.run_id)]
+
+
+def test_models_list_and_show(reviewed, home):
+    r = genpipe(home, "models", "list")
+    assert r.returncode == 0
+    header, *rows = r.stdout.splitlines()
+    assert header.split() == ["model", "version", "aliases", "family", "dataset", "primary", "metric", "created"]
+    pixelcnn = next(row.split() for row in rows if row.startswith("reg-pixelcnn "))
+    assert pixelcnn[1:5] == ["1", "challenger,champion", "pixelcnn", "digits"]
+    assert pixelcnn[5].startswith("bits_per_dim=")
+
+    r = genpipe(home, "models", "show", "reg-digits@challenger")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("reg-digits v2  aliases: challenger")
+    c = reviewed["client"]
+    for stage in ("prepare", "train", "evaluate", "register"):
+        run_id = next(line.split()[1] for line in r.stdout.splitlines() if line.startswith(f"  {stage} "))
+        assert c.get_run(run_id).info.run_name == f"reg-ddpm/{stage}"
+    assert "\nfid " in r.stdout and "# reg-digits: ddpm" in r.stdout
+
+    for bad in ("reg-digits/9", "no-such-model", "reg-digits@nope", "a/b/c"):
+        r = genpipe(home, "models", "show", bad)
+        assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("genpipe: error: "), bad
+
+
+def test_compare_flags_what_is_not_comparable_and_draws_both_grids(reviewed, home, tmp_path):
+    out = tmp_path / "cmp.png"
+    r = genpipe(home, "models", "compare", "reg-digits/1", "reg-digits/2", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "comparable: same data, extractor, reference statistics and sample count" in r.stdout
+    fid_row = next(line.split() for line in r.stdout.splitlines() if line.startswith("fid "))
+    assert fid_row[1:] == [version(reviewed, "reg-digits", v).tags["metric.fid"] for v in ("1", "2")]
+    png = Image.open(io.BytesIO(out.read_bytes()))
+    grid = Image.open(reviewed["client"].download_artifacts(version(reviewed, "reg-digits", "1").run_id,
+                                                            "samples.png", str(tmp_path)))
+    assert png.width > 2 * grid.width  # two grids, scaled up, side by side
+
+    r = genpipe(home, "models", "compare", "reg-digits@champion", "reg-pixelcnn/1")
+    assert r.returncode == 0, r.stderr
+    assert "sample count 300 vs 200" in r.stdout
+    bits = next(line.split() for line in r.stdout.splitlines() if line.startswith("bits_per_dim "))
+    assert bits == ["bits_per_dim", "-", version(reviewed, "reg-pixelcnn", "1").tags["metric.bits_per_dim"]]
+    assert next(line for line in r.stdout.splitlines() if line.startswith("fid ")).endswith("*")
+    run_id = r.stderr.strip().split()[-1]
+    assert [a.path for a in reviewed["client"].list_artifacts(run_id)] == ["compare.png"]
+
+
+def test_promote_and_archive(reviewed, home):
+    c = reviewed["client"]
+    r = genpipe(home, "models", "promote", "reg-pixelcnn", "1", "--alias", "stable")
+    assert r.returncode == 0 and str(c.get_model_version_by_alias("reg-pixelcnn", "stable").version) == "1"
+    r = genpipe(home, "models", "archive", "reg-pixelcnn", "1")
+    assert r.returncode == 0 and "removed aliases challenger, champion, stable" in r.stdout
+    assert not c.get_registered_model("reg-pixelcnn").aliases
+    assert c.get_model_version("reg-pixelcnn", "1").tags["genpipe.archived"] == "true"
+    r = genpipe(home, "models", "promote", "reg-pixelcnn", "1")
+    assert r.returncode == 2 and "archived" in r.stderr
+    r = genpipe(home, "models", "list")
+    assert any(line.split()[:3] == ["reg-pixelcnn", "1", "archived"] for line in r.stdout.splitlines())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_champion_serves_images_over_http(reviewed, home):
+    port = _free_port()
+    bin_dir = str(Path(GENPIPE).parent)  # mlflow starts uvicorn from PATH
+    env = {**home["env"], "MLFLOW_TRACKING_URI": reviewed["tracking_uri"],
+           "PATH": f"{bin_dir}:{home['env'].get('PATH', '')}"}
+    proc = subprocess.Popen([str(Path(bin_dir) / "mlflow"), "models", "serve", "-m",
+                             "models:/reg-digits@champion", "--env-manager", "local", "--host", "127.0.0.1",
+                             "--port", str(port)], env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def ask(request: dict) -> np.ndarray:
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", method="POST",
+                                     data=json.dumps({"dataframe_records": [request]}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return np.array(json.loads(resp.read())["predictions"])
+
+    try:
+        deadline = time.time() + 300  # the server imports torch and mlflow; slow on a loaded machine
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as resp:
+                    assert resp.status == 200
+                    break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, "mlflow models serve did not come up"
+                time.sleep(0.5)
+        x = ask({"n": 3, "seed": 7, "label": 4})
+        assert x.shape == (3, 1, 8, 8) and x.min() >= 0 and x.max() <= 255 and x.std() > 0
+        assert np.array_equal(ask({"n": 3, "seed": 7, "label": 4}), x)  # the seed fixes the images
+        assert not np.array_equal(ask({"n": 3, "seed": 8, "label": 4}), x)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+
+
+def test_inception_weights_that_are_not_there_exit_2(home, tmp_path):
+    missing = tmp_path / "inception_v3.pth"
+    r = genpipe(home, "prepare", *DIGITS, "--set", "name=reg-inception", "--set", "extractor.kind=inception",
+                "--set", f"extractor.weights_uri={missing}")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"genpipe: error: prepare: extractor.weights_uri {missing} does not exist (Inception weights are never "
+        "downloaded: put torchvision's inception_v3 weights there)")
