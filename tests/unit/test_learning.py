@@ -2,9 +2,10 @@
 a few seconds of CPU. Run alone with `-m learning`.
 
 Margins measured over 5 seeds on CPU, against the thresholds asserted:
-  vae, conv_vae (1000 steps): test ELBO +17.9..22.5 nats/image over the
-      untrained model (> 12), +2.2..2.5 over independent per-pixel Bernoullis
-      at the training means (> 1), IWAE-16 above the ELBO by 0.25..0.44 (> 0).
+  vae, conv_vae (1000 steps): test ELBO (continuous Bernoulli, dequantised;
+      see gen_models/vae/vae.py) ~53 nats/image over the untrained model's ~0
+      (> 12), +9.6..10.2 over independent per-pixel continuous Bernoullis at
+      the training means (> 1; seed 0 only), IWAE-16 above the ELBO (> 0).
   dcgan (600 steps): FID against the test split at 2.6..3.5 % of the untrained
       generator's (< 20 %), on the pipelines.metrics extractor (97.7 % accuracy).
 """
@@ -13,10 +14,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from gen_models.base import GenerativeModel
 from gen_models.registry import build
+from gen_models.vae.vae import _continuous_bernoulli_nll
 from tests.unit.learning import fit
 
 pytestmark = pytest.mark.learning
@@ -33,14 +34,15 @@ def test_vae_elbo_improves_on_test_digits(family, digits, one_thread):
     elbo = torch.stack([model.log_prob(x_test) for _ in range(8)]).mean().item()
     iwae = model.log_prob(x_test, importance_samples=16).mean().item()
 
-    # The model that ignores z: each pixel a Bernoulli at its training mean.
-    # Beating it shows the latent code carries information about the image.
+    # The model that ignores z, under the same likelihood log_prob reports: each pixel a
+    # continuous Bernoulli at its training mean, on dequantised images. Beating it shows
+    # the latent code carries information about the image.
     p = digits["x_train"].mean(0, keepdim=True).clamp(1e-4, 1 - 1e-4).expand_as(x_test)
-    independent = -F.binary_cross_entropy(p, x_test, reduction="none").flatten(1).sum(1).mean().item()
+    y = ((x_test * 255).round() + torch.rand_like(x_test)) / 256
+    independent = -_continuous_bernoulli_nll(torch.logit(p), y).mean().item()
 
-    # The soft targets put a floor of ~13.6 nats/image under -ELBO (their own
-    # entropy) and the untrained model sits near 45, so ~31 nats is the most any
-    # model could gain here; a trained one gains ~20.
+    # An untrained decoder's logits sit near 0, a nearly flat density on [0, 1]^64:
+    # log_prob near 0 nats; a trained one reaches ~53.
     assert elbo > untrained + 12, (untrained, elbo)
     assert elbo > independent + 1.0, (independent, elbo)
     assert iwae > elbo, (elbo, iwae)
