@@ -50,7 +50,6 @@ class ExtractorSpec(Section):
         return self
 
 
-
 class ModelSpec(BaseModel):
     """`family` plus that family's config fields (see gen_models/registry.py)."""
 

@@ -149,8 +149,9 @@ def _run(a: argparse.Namespace) -> int:
     inputs = {m["stage"]: m["outputs"] for m in manifests}
     runs = {m["stage"]: m["run_id"] for m in manifests}
     if "tune" in inputs:
-        # Downstream of a search the best trial is the training run: its spec and checkpoint.
-        spec, inputs["train"] = spec.with_overrides(inputs["tune"]["best"]["config"]), inputs["tune"]
+        # Downstream of a search the best trial is the training run: its spec, checkpoint and MLflow run.
+        best = inputs["tune"]["best"]
+        spec, inputs["train"], runs["train"] = spec.with_overrides(best["config"]), inputs["tune"], best["run_id"]
     uri = tracking_uri()
     stage_dir = storage.join(a.root, spec.name, a.stage)
     if a.stage == "prepare":
