@@ -131,8 +131,9 @@ class TrainSpec(Section):
 
 
 class EvaluateSpec(Section):
-    num_samples: int = Field(5000, ge=10)
-    """Samples drawn for FID/KID/IS; FID depends on it, so compare only at equal n."""
+    num_samples: int = Field(10_000, ge=10)
+    """Samples drawn for FID/KID/IS (10,000 for a final evaluation; smoke specs set fewer). FID depends on
+    it, so versions are compared only at equal n."""
     batch_size: int = Field(500, ge=1)
     """Sampling batch size."""
     grid_size: int = Field(64, ge=1)
