@@ -210,10 +210,13 @@ def train_loop(cfg: dict[str, Any]) -> None:
     searching = cfg.get("validate") is not None
     validate = cfg["validate"] if searching and rank == 0 else None  # a search's trial metric (pipelines/tune.py)
 
-    snapshot = _Snapshot.take(model, ctx, start)
+    # Only a rollback needs the last checkpoint's state in memory: copying it costs every checkpoint.
+    keep_snapshot = spec.train.on_nan == "rollback" and not searching
+    snapshot = _Snapshot.take(model, ctx, start) if keep_snapshot else None
+    resume_at = start
 
     def report(step: int, metrics: dict[str, float]) -> None:
-        nonlocal snapshot
+        nonlocal snapshot, resume_at
         # Before anything is logged or saved: a NaN never reaches MLflow or a checkpoint. Except in a
         # search trial, which scores a diverged run as the worst (tune.Validation) for the scheduler to stop.
         if not searching and not _all_finite(metrics, device):
@@ -223,7 +226,8 @@ def train_loop(cfg: dict[str, Any]) -> None:
         checkpoint_due = step % spec.train.checkpoint_every == 0 or step == spec.train.steps
         if checkpoint_due:
             _average_buffers(model)
-            snapshot = _Snapshot.take(model, ctx, step)
+            if keep_snapshot:
+                snapshot, resume_at = _Snapshot.take(model, ctx, step), step
             # A desync (e.g. a module called outside its DDP wrapper) shows up here, not in the samples.
             metrics["train/rank_param_spread"] = _rank_spread(model)
             metrics["train/peak_mem_mib"] = _peak_memory_mib(device)
@@ -249,7 +253,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
     rollbacks, step = 0, start
     while True:
         try:
-            for step, metrics in run_steps(model, ctx, batches, start=snapshot.step, stop=spec.train.steps,
+            for step, metrics in run_steps(model, ctx, batches, start=resume_at, stop=spec.train.steps,
                                            seed=spec.seed, device=device, report_due=due):
                 report(step, metrics)
             break
