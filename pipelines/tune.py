@@ -60,10 +60,17 @@ class Validation:
     FID compares `n` samples with the validation images on the extractor's
     features; bits/dim is measured on `n` validation images. The test split
     stays for the evaluate stage: choosing on it would flatter the winner.
+
+    It also paces the run: from the second report on, it first waits for the
+    trial's go-ahead (`pace`), given once Tune has taken the previous report.
+    Train's workers would otherwise train and log ahead of Tune's decisions,
+    and a trial that ASHA stopped at step 20 would show steps 40 and 60 in
+    MLflow, or a PBT-paused one log the same steps twice after its restart.
     """
 
-    def __init__(self, prepared: dict, metric: str, n: int, seed: int):
+    def __init__(self, prepared: dict, metric: str, n: int, seed: int, pace=None):
         self.prepared, self.metric, self.n, self.seed = prepared, metric.removeprefix("val/"), n, seed
+        self.pace, self.calls = pace, 0
 
     @cached_property
     def x_val(self) -> torch.Tensor:
@@ -82,6 +89,9 @@ class Validation:
     def __call__(self, model: GenerativeModel) -> dict[str, float]:
         from pipelines.evaluate import bits_per_dim, draw
 
+        if self.pace is not None and self.calls:
+            self.pace.get()
+        self.calls += 1
         # A plain copy: sampling through the DDP wrappers on one rank is asking for trouble.
         device = next(model.parameters()).device
         plain = type(model)(model.config).to(device)
@@ -96,20 +106,71 @@ class Validation:
         return {f"val/{self.metric}": value if math.isfinite(value) else math.inf}
 
 
-def _forward_reports(queue):
-    """A Train callback that hands each report (rank 0's metrics, the checkpoint) to the trial's actor."""
+# The Train controller of the trial running in this process (a trial actor runs one trial at a time).
+_controller = None
+
+
+def _train_callbacks(queue):
+    """Train callbacks that hand the trial's actor a handle on the Train controller when the run starts,
+    then each report (rank 0's metrics, the checkpoint)."""
+    import ray
     from ray.train import UserCallback
+    from ray.train.v2._internal.execution.callback import ControllerCallback
+
+    # Internal hook (Train passes RunConfig callbacks that are not UserCallbacks to the controller as they
+    # are, "so custom workarounds built on internal callbacks work"); Ray is pinned to one version.
+    class AnnounceController(ControllerCallback):
+        def after_controller_start(self, train_run_context):
+            queue.put(("controller", ray.get_runtime_context().current_actor))
 
     class ForwardReports(UserCallback):
         def after_report(self, run_context, metrics, checkpoint):
-            queue.put((metrics[0], checkpoint))
+            queue.put(("report", metrics[0], checkpoint))
 
-    return ForwardReports()
+    return [AnnounceController(), ForwardReports()]
+
+
+class _AbortTrainRunOnStop:
+    """Mixed into the trial's Tune trainable: when Tune stops or pauses the trial (an ASHA cut, a PBT
+    exploit, the time budget, the end of the search), abort its Train run before Tune goes on.
+
+    Right after a trial's `stop` Tune removes the trial's placement group, and Ray destroys every actor in
+    it: the Train controller too, which then never releases its workers' placement group. Those CPUs
+    (GPUs) stay reserved for the rest of the search and the next trials wait for them forever. Aborting
+    first is what Train's own Ctrl-C handler does: the controller shuts its workers down and removes the
+    placement group.
+    """
+
+    def cleanup(self):
+        global _controller
+        if _controller is not None:
+            import ray
+
+            try:
+                ray.get(_controller.abort.remote(), timeout=60)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                pass  # abort ends the controller's process, so the call never returns a value
+            _controller = None
+        super().cleanup()
+
+
+STARTS_TAG = "genpipe.starts"
+
+
+def _record_start(c, run_id: str, step: int, checkpoint: str) -> None:
+    """Append this start to the trial run's list of starts: a PBT exploit shows as a start from another
+    trial's checkpoint, a pause or a resumed search as one from the trial's own."""
+    starts = json.loads(c.get_run(run_id).data.tags.get(STARTS_TAG, "[]"))
+    starts.append({"step": step, "checkpoint": "/".join(Path(checkpoint).parts[-2:])})  # trial dir/checkpoint
+    while len(json.dumps(starts)) > 5000:  # MLflow's limit on a tag value: the latest starts matter most
+        starts.pop(0)
+    c.set_tag(run_id, STARTS_TAG, json.dumps(starts))
 
 
 def trial(config: dict[str, Any], *, spec: dict, prepared: dict, parent_run: str, tracking_uri: str,
           storage_path: str, key: str) -> None:
     """One trial (runs in its Tune actor): a Train run of the spec with `config`'s dotted fields set."""
+    global _controller
     import ray.tune
     from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
@@ -132,30 +193,33 @@ def trial(config: dict[str, Any], *, spec: dict, prepared: dict, parent_run: str
     if start:  # where this start of the trial begins: its own checkpoint on resume, a donor's under PBT
         with start.as_directory() as d:
             step = json.loads((Path(d) / "meta.json").read_text())["step"]
-        c.set_tag(run_id, "genpipe.start_checkpoint", start.path)
-        c.log_metric(run_id, "tune/start_step", step, step=step)
+        _record_start(c, run_id, step, start.path)
     # A fresh Train run per starting point: Train would otherwise resume its own latest checkpoint
     # rather than the donor's a PBT exploit hands over.
     origin = hashlib.sha256(start.path.encode()).hexdigest()[:8] if start else "start"
-    reports = Queue(actor_options={"num_cpus": 0})
+    queue, pace = Queue(actor_options={"num_cpus": 0}), Queue(actor_options={"num_cpus": 0})
     failure: list[Exception] = []
 
     def fit() -> None:
         try:
             train.run(trial_spec, prepared["data"], run_id=run_id, tracking_uri=tracking_uri,
                       storage_path=storage.join(storage_path, "trials"), name=f"{trial_id}-{origin}",
-                      callbacks=[_forward_reports(reports)], start_from=start,
-                      validate=Validation(prepared, objective(base)[0], base.tune.eval_samples, base.seed))
+                      callbacks=_train_callbacks(queue), start_from=start,
+                      validate=Validation(prepared, objective(base)[0], base.tune.eval_samples, base.seed, pace))
         except Exception as e:  # raised again in the trial's thread, where Tune sees it
             failure.append(e)
         finally:
-            reports.put(None)
+            queue.put(None)
 
     # Train's fit blocks; the reports must reach Tune from this thread, the one Tune runs the trial in.
     threading.Thread(target=fit, daemon=True).start()
-    while (item := reports.get()) is not None:
-        result, checkpoint = item
-        ray.tune.report(result, checkpoint=checkpoint)
+    while (item := queue.get()) is not None:
+        if item[0] == "controller":
+            _controller = item[1]
+        else:
+            ray.tune.report(item[1], checkpoint=item[2])  # returns once Tune wants the next report
+            pace.put(True)
+    _controller = None  # the run has ended on its own
     if failure:
         raise failure[0]
 
@@ -252,9 +316,11 @@ def run(spec: PipelineSpec, prepared: dict, *, run_id: str, tracking_uri: str, s
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     ray.init(log_to_driver=False)  # the trials' worker logs would drown the progress lines
     t = spec.tune
+    trainable = tune.with_parameters(trial, spec=spec.to_dict(), prepared=prepared, parent_run=run_id,
+                                     tracking_uri=tracking_uri, storage_path=storage_path, key=key)
+    trainable.__mixins__ = (_AbortTrainRunOnStop,)  # Tune's hook for adding to a function trainable's class
     trainable = tune.with_resources(
-        tune.with_parameters(trial, spec=spec.to_dict(), prepared=prepared, parent_run=run_id,
-                             tracking_uri=tracking_uri, storage_path=storage_path, key=key),
+        trainable,
         # The trial actor only drives its Train run, whose workers reserve the CPUs (GPUs): a trial actor
         # holding (part of) a CPU too would leave the last trial that should fit waiting for its workers.
         # Tune needs some resource in the request: the driver's memory.

@@ -84,3 +84,12 @@ def last_json(stdout: str) -> dict:
 # Digits (scikit-learn, 8x8) keeps a real pipeline to seconds of compute.
 DIGITS = ["--set", "data.source=digits", "--set", "extractor.epochs=30", "--set", "evaluate.num_samples=300",
           "--set", "evaluate.grid_size=16"]
+
+
+def reserved_placement_groups(home: dict) -> list[dict]:
+    """The placement groups that still reserve resources on the session's head, through Ray's state CLI."""
+    ray = str(Path(sys.executable).with_name("ray"))
+    r = subprocess.run([ray, "list", "placement-groups", "--address", home["address"], "--filter", "state!=REMOVED",
+                        "--format", "json"], env={**home["env"], "RAY_AUTH_MODE": "token"}, capture_output=True,
+                       text=True, check=True)
+    return [] if r.stdout.startswith("No resource") else json.loads(r.stdout)  # how it says "none"
