@@ -69,7 +69,11 @@ def start_local_head(num_cpus: int | None = None, log=print) -> str:
 def _start_head(cpus: int, log) -> str:
     gcs_port, dash_port = _free_port(), _free_port()
     url = f"http://127.0.0.1:{dash_port}"
-    env = _head_env()
+    # Ray's state API, called inside the cluster with no address (Train's PlacementGroupCleaner asks it
+    # whether its controller is alive), finds the cluster through /tmp/ray, which names the newest head
+    # in the default temp dir, not this one: it then waits 40 s for an absent GCS, and every Train run
+    # paid its stop timeout for it. Name this head's API server outright.
+    env = {**_head_env(), "RAY_API_SERVER_ADDRESS": url}
     log(f"starting a local Ray head at {url} ({cpus} CPUs)")
     # Ports whose defaults are fixed get free ones, so two heads on one machine (a test
     # suite's and a user's) don't fight over them.
