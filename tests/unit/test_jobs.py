@@ -29,3 +29,16 @@ def test_family_has_gpu_spec_and_cpu_command(family):
     cpu = config.load(path, args[4::2])
     assert cpu.model.family == family and not cpu.train.use_gpu
     assert cpu.train.steps < spec.train.steps
+
+
+@pytest.mark.parametrize("family", list(registry.FAMILIES))
+def test_family_grid_is_in_the_repo_and_its_record_is_the_spec_command(family):
+    """The README shows docs/samples/FAMILY.png; its .json names the run that drew it: the spec's CPU command."""
+    import json
+    import shlex
+
+    samples = JOBS.parent / "docs" / "samples"
+    assert f"![{family}](docs/samples/{family}.png)" in (JOBS.parent / "README.md").read_text()
+    assert (samples / f"{family}.png").stat().st_size > 0
+    record = json.loads((samples / f"{family}.json").read_text())
+    assert shlex.split(record["command"])[1:] == cpu_command(JOBS / f"{family}.yaml")
