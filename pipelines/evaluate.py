@@ -19,34 +19,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from torchvision.utils import make_grid, save_image
 
 from gen_models import registry
 from gen_models.base import GenerativeModel
+from pipelines import checkpoints, metrics, storage
 from pipelines import data as datasets
-from pipelines import metrics, storage
 from pipelines.config import PipelineSpec
 
 
 def load_model(checkpoint_uri: str) -> GenerativeModel:
-    """The model saved in a train checkpoint directory (local path or s3://)."""
-    import json
-
-    d = _local_copy(checkpoint_uri)
-    meta = json.loads((d / "meta.json").read_text())
+    """The model saved in a train checkpoint directory (local path or s3://), checksums verified."""
+    meta, weights = checkpoints.load_model_state(checkpoint_uri)
     model = registry.build(meta["family"], meta["config"])
-    model.load_state_dict(load_file(d / "model.safetensors"))
+    model.load_state_dict(weights)
     return model.eval()
-
-
-def _local_copy(uri: str) -> Path:
-    if not storage.is_s3(uri):
-        return Path(uri)
-    d = Path(tempfile.mkdtemp(prefix="genpipe-ckpt-"))
-    for name in ("meta.json", "model.safetensors"):
-        (d / name).write_bytes(storage.read_bytes(storage.join(uri, name)))
-    return d
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ import operator
 import tempfile
 from pathlib import Path
 
-from pipelines import storage
+from pipelines import checkpoints, storage
 from pipelines.config import PipelineSpec, parse_gate
 from pipelines.errors import GateFailed, InvalidInput
 
@@ -106,8 +106,8 @@ def run(spec: PipelineSpec, prepared: dict, trained: dict, evaluated: dict, *, r
     ckpt = trained["checkpoint"]
     with tempfile.TemporaryDirectory() as tmp:
         weights, config, grid = Path(tmp, "weights.safetensors"), Path(tmp, "config.json"), Path(tmp, "samples.png")
-        weights.write_bytes(storage.read_bytes(storage.join(ckpt, "model.safetensors")))
-        meta = json.loads(storage.read_bytes(storage.join(ckpt, "meta.json")))
+        meta = checkpoints.read_meta(ckpt)
+        weights.write_bytes(checkpoints.read_file(ckpt, checkpoints.MODEL, meta))
         config.write_text(json.dumps({"family": meta["family"], "config": meta["config"]}))
         grid.write_bytes(storage.read_bytes(evaluated["grid"]))
         with mlflow.start_run(run_id=run_id):
@@ -130,7 +130,9 @@ def run(spec: PipelineSpec, prepared: dict, trained: dict, evaluated: dict, *, r
     except MlflowException:
         c.create_registered_model(name, description=f"genpipe models from pipeline {spec.name}")
     card = model_card(spec, prepared, evaluated, c.get_run(runs["train"]), evaluated["grid"])
-    mv = c.create_model_version(name, source=info.model_uri, run_id=run_id, tags=tags, description=card)
+    # model_id: an MLflow server refuses a models:/m-... source without it (a sqlite store does not check)
+    mv = c.create_model_version(name, source=info.model_uri, run_id=run_id, tags=tags, description=card,
+                                model_id=info.model_id)
     c.set_registered_model_alias(name, "challenger", mv.version)
     aliases = ["challenger"]
     try:
