@@ -50,6 +50,31 @@ def _s3():
     return boto3.client("s3", config=Config(retries={"mode": "standard", "max_attempts": 10}))
 
 
+def ray_storage(uri: str) -> tuple[object | None, str]:
+    """(filesystem, path) for a Ray Train/Tune RunConfig over `uri`.
+
+    Ray's own S3 filesystem gives up after 3 attempts, a fraction of a second: one blip of the
+    object store during a checkpoint upload would fail the run. This one retries like boto3's
+    standard mode above (10 attempts, exponential backoff: about 15 s of outage).
+    """
+    if not is_s3(uri):
+        return None, uri
+    # Unlike FileSystem.from_uri, the constructor does not read AWS_ENDPOINT_URL itself.
+    return retrying_s3_filesystem(os.environ.get("AWS_ENDPOINT_URL")), uri[len("s3://"):]
+
+
+def retrying_s3_filesystem(endpoint: str | None):
+    from pyarrow import fs
+
+    class RetryingS3FileSystem(fs.S3FileSystem):
+        # pyarrow pickles an S3FileSystem without its retry strategy, and Ray ships the filesystem
+        # to the Train controller and workers by pickle: rebuild it whole on the other side instead.
+        def __reduce__(self):
+            return retrying_s3_filesystem, (endpoint,)
+
+    return RetryingS3FileSystem(endpoint_override=endpoint, retry_strategy=fs.AwsStandardS3RetryStrategy(max_attempts=10))
+
+
 def _split(uri: str) -> tuple[str, str]:
     bucket, _, key = uri[len("s3://"):].partition("/")
     return bucket, key

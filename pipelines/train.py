@@ -17,8 +17,10 @@ import hashlib
 import json
 import math
 import os
+import queue
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,13 +28,14 @@ from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from gen_models import registry
 from gen_models.base import GenerativeModel, StepContext
+from pipelines import checkpoints, storage
 from pipelines import data as datasets
 from pipelines.config import PipelineSpec
+from pipelines.errors import InvalidInput
 
 
 class StepBatches:
@@ -79,21 +82,6 @@ class StepBatches:
 def step_seed(seed: int, rank: int, step: int) -> int:
     """A seed per (seed, rank, step), hashed so no two ranks' streams ever coincide."""
     return int.from_bytes(hashlib.blake2b(f"{seed}:{rank}:{step}".encode(), digest_size=8).digest(), "little") >> 1
-
-
-def save_checkpoint(model: GenerativeModel, ctx: StepContext, step: int, meta: dict[str, Any], path: Path) -> None:
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.plain_state_dict().items()},
-              path / "model.safetensors")
-    torch.save({name: opt.state_dict() for name, opt in ctx.optimizers.items()}, path / "optimizers.pt")
-    (path / "meta.json").write_text(json.dumps({**meta, "step": step}))
-
-
-def load_checkpoint(model: GenerativeModel, optimizers: dict, path: Path) -> int:
-    model.load_state_dict(load_file(path / "model.safetensors"))
-    states = torch.load(path / "optimizers.pt", weights_only=True)
-    for name, opt in optimizers.items():
-        opt.load_state_dict(states[name])
-    return json.loads((path / "meta.json").read_text())["step"]
 
 
 def _average_buffers(model: GenerativeModel) -> None:
@@ -185,10 +173,15 @@ def train_loop(cfg: dict[str, Any]) -> None:
     start = 0
     # Ray Train's latest (a restart after a worker failure) first; else, in a search, the checkpoint
     # Tune hands the trial: its own on resume, a donor's after a PBT exploit.
-    checkpoint = ray.train.get_checkpoint() or cfg.get("start_from")
+    restarted = ray.train.get_checkpoint()
+    checkpoint = restarted or cfg.get("start_from")
     if checkpoint:
         with checkpoint.as_directory() as d:
-            start = load_checkpoint(model, ctx.optimizers, Path(d))
+            saved, weights, optimizer_states = checkpoints.load_training_state(d)
+        model.load_state_dict(weights)
+        for name, opt in ctx.optimizers.items():
+            opt.load_state_dict(optimizer_states[name])
+        start = saved["step"]
         if rank == 0:
             print(f"resuming from step {start}", file=sys.stderr, flush=True)
 
@@ -206,7 +199,13 @@ def train_loop(cfg: dict[str, Any]) -> None:
 
     batches = StepBatches(x, y, global_batch=spec.train.batch_size, seed=spec.seed, rank=rank, world=world,
                           memory_format=memory_format)
-    logger = _MetricLogger(cfg["tracking_uri"], cfg["run_id"]) if rank == 0 else None
+    # A restart recomputes, bit for bit, the steps between its checkpoint and the failure: those already
+    # in MLflow are not logged twice.
+    logger = _MetricLogger(cfg["tracking_uri"], cfg["run_id"], skip_logged=bool(restarted)) if rank == 0 else None
+    nodes = [None] * world
+    dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    if logger:
+        logger.tag("genpipe.train_nodes", json.dumps(nodes))
     searching = cfg.get("validate") is not None
     validate = cfg["validate"] if searching and rank == 0 else None  # a search's trial metric (pipelines/tune.py)
 
@@ -243,33 +242,38 @@ def train_loop(cfg: dict[str, Any]) -> None:
             return
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
-                save_checkpoint(model, ctx, step, meta, Path(tmp))
+                checkpoints.save(Path(tmp), model_state=model.plain_state_dict(), meta={**meta, "step": step},
+                                 optimizer_states={n: o.state_dict() for n, o in ctx.optimizers.items()})
                 ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
             else:
                 ray.train.report({**metrics, "step": step})
 
     due = lambda done: (done % spec.train.log_every == 0 or done % spec.train.checkpoint_every == 0  # noqa: E731
                         or done == spec.train.steps)
-    rollbacks, step = 0, start
-    while True:
-        try:
-            for step, metrics in run_steps(model, ctx, batches, start=resume_at, stop=spec.train.steps,
-                                           seed=spec.seed, device=device, report_due=due):
-                report(step, metrics)
-            break
-        except NonFiniteMetrics as e:
-            if spec.train.on_nan == "stop" or rollbacks == spec.train.max_rollbacks:
-                hint = ("set train.on_nan: rollback to retry from the last checkpoint with a lower learning rate"
-                        if spec.train.on_nan == "stop" else f"gave up after {rollbacks} rollbacks")
-                raise NonFiniteMetrics(f"{e}; {hint}") from None
-            rollbacks += 1
-            factor = spec.train.nan_lr_factor ** rollbacks
-            snapshot.restore(model, ctx, factor)
-            if rank == 0:
-                os.write(2, f"{e}: rolled back to step {snapshot.step}, learning rates x{factor:g} "
-                            f"(rollback {rollbacks}/{spec.train.max_rollbacks})\n".encode())
-    if start >= spec.train.steps:  # re-run of a finished run: hand the final weights on again
-        report(start, {})
+    try:
+        rollbacks, step = 0, start
+        while True:
+            try:
+                for step, metrics in run_steps(model, ctx, batches, start=resume_at, stop=spec.train.steps,
+                                               seed=spec.seed, device=device, report_due=due):
+                    report(step, metrics)
+                break
+            except NonFiniteMetrics as e:
+                if spec.train.on_nan == "stop" or rollbacks == spec.train.max_rollbacks:
+                    hint = ("set train.on_nan: rollback to retry from the last checkpoint with a lower learning rate"
+                            if spec.train.on_nan == "stop" else f"gave up after {rollbacks} rollbacks")
+                    raise NonFiniteMetrics(f"{e}; {hint}") from None
+                rollbacks += 1
+                factor = spec.train.nan_lr_factor ** rollbacks
+                snapshot.restore(model, ctx, factor)
+                if rank == 0:
+                    os.write(2, f"{e}: rolled back to step {snapshot.step}, learning rates x{factor:g} "
+                                f"(rollback {rollbacks}/{spec.train.max_rollbacks})\n".encode())
+        if start >= spec.train.steps:  # re-run of a finished run: hand the final weights on again
+            report(start, {})
+    finally:
+        if logger:
+            logger.close()
 
 
 def run_steps(model: GenerativeModel, ctx: StepContext, batches: StepBatches, *, start: int, stop: int,
@@ -298,18 +302,61 @@ def run_steps(model: GenerativeModel, ctx: StepContext, batches: StepBatches, *,
 
 
 class _MetricLogger:
-    """Rank 0's metric log into the train stage's MLflow run (run status stays the driver's)."""
+    """Rank 0's metric log into the train stage's MLflow run (run status stays the driver's).
 
-    def __init__(self, tracking_uri: str, run_id: str):
+    A thread of its own sends each report, so training never waits on MLflow: when the
+    server is away (restarted, unreachable) the reports queue up and go once it answers
+    again, in order. `close` waits for the queue to drain, up to `drain_s`.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, *, skip_logged: bool, drain_s: float = 300):
         from mlflow.tracking import MlflowClient
 
-        self.client, self.run_id = MlflowClient(tracking_uri), run_id
+        self.client, self.run_id, self.drain_s = MlflowClient(tracking_uri), run_id, drain_s
+        self.logged_through = self._last_logged_step() if skip_logged else -1
+        self.queue: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._send_all, name="mlflow-metrics", daemon=True)
+        self.thread.start()
+
+    def _last_logged_step(self) -> int:
+        # Every report carries img_per_s.
+        return max((m.step for m in self.client.get_metric_history(self.run_id, "train/img_per_s")), default=-1)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items() if k != "step"])
+        if step > self.logged_through:
+            now = int(time.time() * 1000)
+            self.queue.put({"metrics": [Metric(k, v, now, step) for k, v in metrics.items() if k != "step"]})
+
+    def tag(self, key: str, value: str) -> None:
+        from mlflow.entities import RunTag
+
+        self.queue.put({"tags": [RunTag(key, value)]})
+
+    def _send_all(self) -> None:
+        while (batch := self.queue.get()) is not None:
+            delay, warned = 1.0, False
+            while True:
+                try:
+                    self.client.log_batch(self.run_id, **batch)
+                    break
+                except Exception as e:  # noqa: BLE001 - any failure: keep the report, try again
+                    if not warned:
+                        os.write(2, f"MLflow did not take a report ({str(e).splitlines()[0][:200]}); "
+                                    "training goes on, retrying\n".encode())
+                        warned = True
+                    time.sleep(delay)
+                    delay = min(2 * delay, 30.0)
+            if warned:
+                os.write(2, b"MLflow took the report; logging resumed\n")
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join(self.drain_s)
+        if self.thread.is_alive():
+            os.write(2, f"{self.queue.qsize()} metric reports did not reach MLflow in {self.drain_s:.0f} s; "
+                        "they are lost (the checkpoints are not)\n".encode())
 
 
 def run(spec: PipelineSpec, data_manifest: dict, *, run_id: str, tracking_uri: str,
@@ -322,20 +369,26 @@ def run(spec: PipelineSpec, data_manifest: dict, *, run_id: str, tracking_uri: s
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    fs, path = storage.ray_storage(storage_path)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"spec": spec.to_dict(), "data": data_manifest, "run_id": run_id,
                            "tracking_uri": tracking_uri, "validate": validate, "start_from": start_from},
-        torch_config=TorchConfig(backend="nccl" if spec.train.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend="nccl" if spec.train.use_gpu else "gloo",
+                                 timeout_s=spec.train.collective_timeout_s),
         scaling_config=ScalingConfig(num_workers=spec.train.num_workers, use_gpu=spec.train.use_gpu,
                                      resources_per_worker={"CPU": spec.train.cpus_per_worker}),
         run_config=RunConfig(
-            name=name, storage_path=storage_path, callbacks=callbacks,
+            name=name, storage_path=path, storage_filesystem=fs, callbacks=callbacks,
             checkpoint_config=CheckpointConfig(num_to_keep=spec.train.num_to_keep),
             failure_config=FailureConfig(max_failures=spec.train.max_failures)),
     )
     result = trainer.fit()
     if result.error:
+        # A bad checkpoint or shard fails every worker the same way: the user's error, not Ray's (exit 2).
+        invalid = [e for e in getattr(result.error, "worker_failures", {}).values() if isinstance(e, InvalidInput)]
+        if invalid:
+            raise InvalidInput(str(invalid[0])) from None
         raise result.error
     ckpt = result.checkpoint
     return f"s3://{ckpt.path}" if storage_path.startswith("s3://") else ckpt.path

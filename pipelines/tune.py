@@ -35,8 +35,8 @@ import torch
 
 from gen_models import registry
 from gen_models.base import GenerativeModel
+from pipelines import checkpoints, metrics, storage, tracking, train
 from pipelines import data as datasets
-from pipelines import metrics, storage, tracking, train
 from pipelines.config import PipelineSpec
 from pipelines.errors import InvalidInput, StageFailed
 
@@ -192,7 +192,7 @@ def trial(config: dict[str, Any], *, spec: dict, prepared: dict, parent_run: str
     start = ray.tune.get_checkpoint()
     if start:  # where this start of the trial begins: its own checkpoint on resume, a donor's under PBT
         with start.as_directory() as d:
-            step = json.loads((Path(d) / "meta.json").read_text())["step"]
+            step = checkpoints.read_meta(d)["step"]
         _record_start(c, run_id, step, start.path)
     # A fresh Train run per starting point: Train would otherwise resume its own latest checkpoint
     # rather than the donor's a PBT exploit hands over.
@@ -328,18 +328,21 @@ def run(spec: PipelineSpec, prepared: dict, *, run_id: str, tracking_uri: str, s
     space = {k: _domain(d) for k, d in t.space.items()}
     name = f"search-{key}"
     path = storage.join(storage_path, name)
-    if tune.Tuner.can_restore(path):
+    fs, fs_root = storage.ray_storage(storage_path)
+    fs_path = storage.ray_storage(path)[1]
+    if tune.Tuner.can_restore(fs_path, storage_filesystem=fs):
         if not resume:
             raise InvalidInput(f"an interrupted search is at {path}: continue it with --resume")
         print(f"resuming the search at {path}", flush=True)
-        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True, param_space=space)
+        tuner = tune.Tuner.restore(fs_path, trainable, resume_unfinished=True, resume_errored=True,
+                                   param_space=space, storage_filesystem=fs)
     else:
         tuner = tune.Tuner(
             trainable, param_space=space,
             tune_config=tune.TuneConfig(metric=metric, mode=mode, scheduler=_scheduler(spec), search_alg=_search(spec),
                                         num_samples=t.num_samples, max_concurrent_trials=concurrent_trials(spec),
                                         time_budget_s=t.time_budget_s),
-            run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=0,
+            run_config=tune.RunConfig(name=name, storage_path=fs_root, storage_filesystem=fs, verbose=0,
                                       # A trial whose Train run dies (a lost worker or node) starts again
                                       # from its last checkpoint, as Ray's guide to Train in Tune advises.
                                       failure_config=tune.FailureConfig(max_failures=spec.train.max_failures),

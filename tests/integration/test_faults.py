@@ -1,0 +1,275 @@
+"""Faults injected into a real training run, each survived.
+
+Every test starts `genpipe train` as a user would, waits for Ray Train to
+commit a checkpoint, breaks something real (a worker process, a peer in a
+collective, the MLflow server, the S3 endpoint), and checks that the run ends
+at exactly the configured step with every metric step in MLflow once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.realparts import DIGITS, GENPIPE, REPO, _free_port
+
+pytestmark = pytest.mark.integration
+
+STEPS, LOG_EVERY = 160, 10
+SETS = [f"train.steps={STEPS}", "train.checkpoint_every=20", f"train.log_every={LOG_EVERY}",
+        "train.num_workers=2", "train.batch_size=64"]
+
+
+def _start_train(home, name: str, *sets: str, extra_env: dict | None = None) -> subprocess.Popen:
+    args = [GENPIPE, "train", "--config", "jobs/smoke.yaml", *DIGITS, "--set", f"name={name}"]
+    for s in (*SETS, *sets):
+        args += ["--set", s]
+    return subprocess.Popen(args, env={**home["env"], **(extra_env or {})}, cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 600) -> str:
+    _, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-4000:]
+    return err
+
+
+def _wait_for(what: str, cond, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not cond():
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended before {what}: {proc.stderr.read()[-3000:]}")
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def _committed(train_dir: Path) -> bool:
+    """Ray Train counts a checkpoint once its controller has written it into the manager snapshot."""
+    for snapshot in train_dir.glob("*/checkpoint_manager_snapshot.json"):
+        try:
+            if json.loads(snapshot.read_text()).get("latest_checkpoint_result"):
+                return True
+        except json.JSONDecodeError:  # caught mid-write
+            pass
+    return False
+
+
+def _train_workers(home) -> list[int]:
+    """PIDs of the live Ray Train workers on the session's head, through Ray's state CLI."""
+    ray = str(Path(sys.executable).with_name("ray"))
+    r = subprocess.run([ray, "list", "actors", "--address", home["address"], "--filter", "class_name=RayTrainWorker",
+                        "--filter", "state=ALIVE", "--format", "json"], env={**home["env"], "RAY_AUTH_MODE": "token"},
+                       capture_output=True, text=True, check=True)
+    return [] if r.stdout.startswith("No resource") else sorted(a["pid"] for a in json.loads(r.stdout))
+
+
+def _train_run(c: MlflowClient, name: str):
+    (run,) = c.search_runs([c.get_experiment_by_name(name).experiment_id],
+                           filter_string=f"attributes.run_name = '{name}/train'")
+    return run
+
+
+def _assert_every_step_once(c: MlflowClient, name: str) -> None:
+    run = _train_run(c, name)
+    assert run.info.status == "FINISHED"
+    for key in ("train/loss_d", "train/img_per_s"):
+        steps = [m.step for m in c.get_metric_history(run.info.run_id, key)]
+        assert sorted(steps) == list(range(LOG_EVERY, STEPS + 1, LOG_EVERY)), (key, sorted(steps))
+
+
+def _final_step(home, name: str) -> int:
+    manifest = json.loads((home["path"] / "storage" / name / "train" / "manifest.json").read_text())
+    return json.loads((Path(manifest["outputs"]["checkpoint"]) / "meta.json").read_text())["step"]
+
+
+def _sqlite(home) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{home['path'] / 'mlflow.db'}")
+
+
+def test_killed_train_worker_restarts_from_its_checkpoint(home):
+    name = "fault-worker-kill"
+    proc = _start_train(home, name, "train.max_failures=2")
+    _wait_for("a committed checkpoint", lambda: _committed(home["path"] / "storage" / name / "train"), proc)
+    workers = _train_workers(home)
+    assert len(workers) == 2
+    os.kill(workers[-1], signal.SIGKILL)
+    err = _finish(proc)
+    resumed_at = int(err.split("resuming from step ")[1].split()[0])
+    assert 0 < resumed_at < STEPS
+    assert _final_step(home, name) == STEPS
+    _assert_every_step_once(_sqlite(home), name)
+
+
+def test_hung_collective_times_out_and_is_retried(home):
+    """A frozen peer (SIGSTOP) leaves the other rank in an all-reduce until the collective timeout."""
+    name = "fault-hung-collective"
+    proc = _start_train(home, name, "train.max_failures=1", "train.collective_timeout_s=15")
+    _wait_for("a committed checkpoint", lambda: _committed(home["path"] / "storage" / name / "train"), proc)
+    workers = _train_workers(home)
+    assert len(workers) == 2
+    frozen = workers[-1]
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        err = _finish(proc)
+    finally:
+        try:
+            os.kill(frozen, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert "resuming from step" in err
+    assert _final_step(home, name) == STEPS
+    _assert_every_step_once(_sqlite(home), name)
+
+
+def _mlflow_server(db: Path, artifacts: Path, port: int) -> subprocess.Popen:
+    mlflow = str(Path(sys.executable).with_name("mlflow"))
+    proc = subprocess.Popen([mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                             "--backend-store-uri", f"sqlite:///{db}", "--artifacts-destination", str(artifacts)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return proc
+        except OSError:
+            assert proc.poll() is None and time.time() < deadline, "mlflow server did not start"
+            time.sleep(0.3)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(30)
+
+
+def test_mlflow_server_restart_during_training(home, tmp_path):
+    name = "fault-mlflow-restart"
+    port = _free_port()
+    db, artifacts = tmp_path / "mlflow.db", tmp_path / "artifacts"
+    server = _mlflow_server(db, artifacts, port)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        proc = _start_train(home, name, f"train.steps={STEPS * 2}", extra_env={"MLFLOW_TRACKING_URI": uri})
+        c = MlflowClient(uri)
+
+        def logging() -> bool:
+            exp = c.get_experiment_by_name(name)
+            runs = exp and c.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{name}/train'")
+            return bool(runs and c.get_metric_history(runs[0].info.run_id, "train/img_per_s"))
+
+        _wait_for("the first metrics in MLflow", logging, proc)
+        _stop(server)  # SIGKILL: no graceful goodbye to in-flight requests
+        down_at = time.time()
+        time.sleep(5)
+        server = _mlflow_server(db, artifacts, port)
+        up_at = time.time()
+        _finish(proc)
+        run = _train_run(c, name)
+        assert run.info.status == "FINISHED"
+        history = c.get_metric_history(run.info.run_id, "train/img_per_s")
+        assert sorted(m.step for m in history) == list(range(LOG_EVERY, 2 * STEPS + 1, LOG_EVERY))
+        # A metric's timestamp is when training reported it: training went on while the server was away.
+        assert any(down_at * 1000 < m.timestamp < up_at * 1000 for m in history), (down_at, up_at)
+    finally:
+        _stop(server)
+
+
+class _FlakyProxy:
+    """A TCP proxy in front of the S3 server that can drop out: while `down`, every
+    connection it is offered is reset at once, and the ones it carries are cut."""
+
+    def __init__(self, upstream: tuple[str, int]):
+        self.upstream, self.down, self.refused = upstream, False, 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.live: set[socket.socket] = set()
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            client, _ = self.listener.accept()
+            if self.down:
+                self.refused += 1
+                _reset(client)
+                continue
+            upstream = socket.create_connection(self.upstream)
+            with self.lock:
+                self.live |= {client, upstream}
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with self.lock:
+                    self.live.discard(s)
+                _reset(s)
+
+    def outage(self, seconds: float) -> None:
+        self.down = True
+        with self.lock:
+            for s in list(self.live):
+                _reset(s)
+        time.sleep(seconds)
+        self.down = False
+
+
+def _reset(s: socket.socket) -> None:
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # close -> RST
+        s.close()
+    except OSError:
+        pass
+
+
+def test_s3_outage_during_checkpointing(home):
+    import boto3
+
+    name = "fault-s3-outage"
+    endpoint = home["env"]["AWS_ENDPOINT_URL"]
+    host, port = endpoint.removeprefix("http://").split(":")
+    proxy = _FlakyProxy((host, int(port)))
+    prefix = f"{name}-{os.getpid()}"
+    env = home["env"]
+    s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                      aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_DEFAULT_REGION"])
+    # max_failures=0: a failed upload would fail the run; only retries can carry it through.
+    proc = _start_train(home, name, "train.max_failures=0", "train.checkpoint_every=10", f"storage=s3://genpipe/{prefix}",
+                        extra_env={"AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"})
+
+    def committed() -> bool:
+        for obj in s3.list_objects_v2(Bucket="genpipe", Prefix=f"{prefix}/{name}/train/").get("Contents", []):
+            if obj["Key"].endswith("checkpoint_manager_snapshot.json"):
+                body = s3.get_object(Bucket="genpipe", Key=obj["Key"])["Body"].read()
+                return bool(json.loads(body).get("latest_checkpoint_result"))
+        return False
+
+    _wait_for("a committed checkpoint", committed, proc)
+    proxy.outage(4)
+    err = _finish(proc)
+    assert proxy.refused > 0, "the outage hit no request: it proved nothing"
+    assert "resuming from step" not in err
+    manifest = json.loads(s3.get_object(Bucket="genpipe", Key=f"{prefix}/{name}/train/manifest.json")["Body"].read())
+    ckpt = manifest["outputs"]["checkpoint"].removeprefix("s3://genpipe/")
+    meta = json.loads(s3.get_object(Bucket="genpipe", Key=f"{ckpt}/meta.json")["Body"].read())
+    assert meta["step"] == STEPS
+    _assert_every_step_once(_sqlite(home), name)
