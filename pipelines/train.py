@@ -18,7 +18,6 @@ import json
 import math
 import os
 import queue
-import sys
 import tempfile
 import threading
 import time
@@ -183,7 +182,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
             opt.load_state_dict(optimizer_states[name])
         start = saved["step"]
         if rank == 0:
-            print(f"resuming from step {start}", file=sys.stderr, flush=True)
+            os.write(2, f"resuming from step {start}\n".encode())  # fd 2: see the step lines below
 
     memory_format = torch.channels_last if spec.train.channels_last else torch.contiguous_format
     model.to(memory_format=memory_format)

@@ -127,6 +127,7 @@ def test_hung_collective_times_out_and_is_retried(home):
             os.kill(frozen, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    assert "Timed out waiting 15000ms" in err  # gloo's own words: the timeout, not a health check, ended it
     assert "resuming from step" in err
     assert _final_step(home, name) == STEPS
     _assert_every_step_once(_sqlite(home), name)
