@@ -180,20 +180,44 @@ class Cluster:
         except Exception as e:
             raise InvalidInput(f"cannot reach the Ray job API at {self.address}: {str(e).splitlines()[0]}") from None
 
-    def run(self, stage: str, args: list[str], *, env: dict[str, str], num_gpus: float = 0) -> None:
-        """Run `python -m pipelines.stages STAGE ARGS` as a job; print its log; raise on failure."""
+    def run(self, stage: str, args: list[str], *, key: str, env: dict[str, str], num_gpus: float = 0) -> None:
+        """Run `python -m pipelines.stages STAGE ARGS` as a job; print its log; raise on failure.
+
+        `key` names what the job makes (the driver passes its manifest URI and stage key). A job with
+        the same stage and key that is still running (its driver was killed, so nobody stopped it) is
+        followed instead of submitting another: a second one would train the same run beside it.
+        """
+        metadata = {"genpipe_stage": stage, "genpipe_key": key}
+        job_id = self._running_job(metadata)
+        if job_id:
+            self.log(f"[{stage}] job {job_id} from an earlier call is still running: following it")
+        else:
+            job_id = self._submit(stage, args, metadata, env=env, num_gpus=num_gpus)
+        self._follow(stage, job_id)
+
+    def _running_job(self, metadata: dict[str, str]) -> str | None:
+        for job in self.client.list_jobs():
+            if str(job.status.value) not in TERMINAL and metadata.items() <= (job.metadata or {}).items():
+                return job.submission_id
+        return None
+
+    def _submit(self, stage: str, args: list[str], metadata: dict[str, str], *, env: dict[str, str],
+                num_gpus: float) -> str:
         job_id = f"genpipe-{stage}-{uuid.uuid4().hex[:8]}"
         entrypoint = " ".join(["python", "-m", "pipelines.stages", stage, *map(shlex.quote, args)])
         for attempt in range(60):
             try:
                 self.client.submit_job(entrypoint=entrypoint, submission_id=job_id, runtime_env={"env_vars": env},
-                                       entrypoint_num_gpus=num_gpus or None)
+                                       metadata=metadata, entrypoint_num_gpus=num_gpus or None)
                 break
             except RuntimeError as e:  # a head that just started has no job agent for a few seconds
                 if "No available agent" not in str(e) or attempt == 59:
                     raise
                 time.sleep(0.5)
         self.log(f"[{stage}] job {job_id} submitted")
+        return job_id
+
+    def _follow(self, stage: str, job_id: str) -> None:
         shown = 0
         try:
             while True:

@@ -81,7 +81,7 @@ def run(spec: PipelineSpec, *, until: str = "register", address: str | None = No
                 with tracking.run_status(c, run_id):
                     cluster.run(stage, ["--spec", spec_uri, "--run-id", run_id, "--key", key, "--root", root,
                                         *(["--resume"] if resume and stage == "tune" else []),
-                                        "--inputs", *manifests], env=env,
+                                        "--inputs", *manifests], key=f"{manifest_uri}@{key}", env=env,
                                 num_gpus=1 if spec.train.use_gpu and stage == "evaluate" else 0)
                 done = _read_manifest(manifest_uri)
                 if not done or done["key"] != key:

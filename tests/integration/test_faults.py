@@ -1,9 +1,9 @@
 """Faults injected into a real training run, each survived.
 
 Every test starts `genpipe train` as a user would, waits for Ray Train to
-commit a checkpoint, breaks something real (a worker process, a peer in a
-collective, the MLflow server, the S3 endpoint), and checks that the run ends
-at exactly the configured step with every metric step in MLflow once.
+commit a checkpoint, breaks something real (a worker process, the driver, a
+peer in a collective, the MLflow server, the S3 endpoint), and checks that the
+run ends at exactly the configured step with every metric step in MLflow once.
 """
 
 from __future__ import annotations
@@ -109,6 +109,24 @@ def test_killed_train_worker_restarts_from_its_checkpoint(home):
     assert 0 < resumed_at < STEPS
     assert _final_step(home, name) == STEPS
     _assert_every_step_once(_sqlite(home), name)
+
+
+def test_killed_driver_rerun_follows_the_running_train_job(home):
+    """SIGKILL leaves no driver to stop the train job: the same command, run again, follows it."""
+    name = "fault-driver-kill"
+    proc = _start_train(home, name)
+    _wait_for("a committed checkpoint", lambda: _committed(home["path"] / "storage" / name / "train"), proc)
+    proc.kill()
+    proc.wait(30)
+    again = _start_train(home, name)
+    err = _finish(again)
+    assert "from an earlier call is still running: following it" in err
+    assert "[prepare] cached" in err
+    assert _final_step(home, name) == STEPS
+    _assert_every_step_once(_sqlite(home), name)
+    c = _sqlite(home)
+    runs = {r.info.run_name: r.info.status for r in c.search_runs([c.get_experiment_by_name(name).experiment_id])}
+    assert runs == {name: "FINISHED", f"{name}/prepare": "FINISHED", f"{name}/train": "FINISHED"}
 
 
 def test_hung_collective_times_out_and_is_retried(home):
