@@ -93,3 +93,21 @@ def test_sample_from_a_model_that_is_not_registered(home, tmp_path):
 def test_sample_to_an_unknown_format(home, tmp_path):
     r = genpipe(home, "sample", "models:/any@champion", "--out", str(tmp_path / "x.jpg"))
     _one_clear_line(r, "must end in .png")
+
+
+def test_corrupt_checkpoint_is_refused_and_the_trained_stage_stays(home):
+    base = ["--config", "jobs/smoke.yaml", *DIGITS, "--set", "name=corrupt-ckpt", "--set", "train.steps=20",
+            "--set", "train.checkpoint_every=20", "--set", "evaluate.num_samples=100"]
+    assert genpipe(home, "train", *base).returncode == 0
+    train_dir = home["path"] / "storage" / "corrupt-ckpt" / "train"
+    before = _digest(train_dir)
+    weights = next(train_dir.rglob("model.safetensors"))
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])  # an upload cut short
+    try:
+        r = genpipe(home, "evaluate", *base)
+        _one_clear_line(r, "model.safetensors is corrupt: checksum")
+        assert not (home["path"] / "storage" / "corrupt-ckpt" / "evaluate" / "manifest.json").exists()
+    finally:
+        weights.write_bytes(data)
+    assert _digest(train_dir) == before

@@ -129,6 +129,24 @@ def test_killed_driver_rerun_follows_the_running_train_job(home):
     assert runs == {name: "FINISHED", f"{name}/prepare": "FINISHED", f"{name}/train": "FINISHED"}
 
 
+def test_sigterm_ends_every_run_killed_and_stops_the_job(home):
+    name = "fault-sigterm"
+    proc = _start_train(home, name)
+    c = _sqlite(home)
+
+    def training() -> bool:
+        exp = c.get_experiment_by_name(name)
+        return bool(exp and c.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{name}/train'"))
+
+    _wait_for("the train stage", training, proc)
+    proc.terminate()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "[train] stopping job" in err
+    runs = {r.info.run_name: r.info.status for r in c.search_runs([c.get_experiment_by_name(name).experiment_id])}
+    assert runs == {name: "KILLED", f"{name}/prepare": "FINISHED", f"{name}/train": "KILLED"}
+
+
 def test_hung_collective_times_out_and_is_retried(home):
     """A frozen peer (SIGSTOP) leaves the other rank in an all-reduce until the collective timeout."""
     name = "fault-hung-collective"
