@@ -139,6 +139,14 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, Terminated):
         print("genpipe: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+    except Exception as e:
+        from pipelines.tracking import refusal
+
+        why = refusal(e)  # a server with auth turning us away is bad input, not a crash
+        if why is None:
+            raise
+        print(f"genpipe: error: {why}", file=sys.stderr)
+        return InvalidInput.exit_code
 
 
 if __name__ == "__main__":

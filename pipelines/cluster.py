@@ -152,6 +152,8 @@ def resolve_address(address: str | None, log=print) -> tuple[str, bool]:
         os.environ.setdefault("RAY_AUTH_MODE", "token")
         _ensure_token()
         return start_local_head(log=log), True
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        os.environ.setdefault("RAY_AUTH_MODE", "token")  # without it Ray's clients send no token at all
     if not re.match(r"^https?://", address):
         raise InvalidInput(f"--address {address!r}: give the Ray dashboard URL, e.g. http://head:8265")
     host = re.sub(r"^https?://", "", address).split(":")[0].split("/")[0]

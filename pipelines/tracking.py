@@ -34,6 +34,22 @@ def tracking_uri() -> str:
     return f"sqlite:///{home / 'mlflow.db'}"
 
 
+def refusal(e: BaseException) -> str | None:
+    """One line for an MLflow server that turned this client away (HTTP 401 or 403); None for anything else."""
+    from mlflow.exceptions import MlflowException
+
+    if not isinstance(e, MlflowException):
+        return None
+    status = e.get_http_status_code()
+    if status == 401:
+        return (f"MLflow at {tracking_uri()} refused the credentials (HTTP 401): set MLFLOW_TRACKING_USERNAME "
+                "and MLFLOW_TRACKING_PASSWORD")
+    if status == 403:
+        said = (str(e).split("Response body: ", 1)[-1].strip(" '").splitlines() or ["-"])[0][:200]
+        return f"MLflow at {tracking_uri()} denied the request (HTTP 403): {said}"
+    return None
+
+
 def is_local_uri(uri: str) -> bool:
     return uri.startswith(("sqlite:", "file:", "/")) or "://" not in uri
 
