@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Idempotent set-up: Fashion-MNIST from Debian's package (when apt is there),
+# Idempotent set-up: Fashion-MNIST and PostgreSQL from Debian's packages (when apt is there),
 # a virtualenv in .venv with genpipe and its pinned dependencies. Re-runs
 # install again only when pyproject.toml changed.
 set -euo pipefail
@@ -10,6 +10,17 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null &
   (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 ||
    { apt-get update -qq >/dev/null && apt-get install -y -qq dataset-fashion-mnist >/dev/null; }) ||
     echo "setup: could not install dataset-fashion-mnist; prepare will look in data.root or download" >&2
+fi
+
+# PostgreSQL for the cluster tests' MLflow server (tests/realparts.py also looks in
+# /usr/lib/postgresql/*/bin, which Debian's package does not put on PATH).
+if ! command -v initdb >/dev/null && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 &&
+   command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  echo "setup: installing Debian's postgresql" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  (apt-get install -y -qq postgresql >/dev/null 2>&1 ||
+   { apt-get update -qq >/dev/null && apt-get install -y -qq postgresql >/dev/null; }) ||
+    echo "setup: could not install postgresql; the cluster tests will be skipped" >&2
 fi
 
 PY=${PYTHON:-python3.11}
