@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-# Session-scoped real parts (Ray head, moto S3) for tests/integration and tests/e2e, defined once here.
-from tests.realparts import home, moto_s3  # noqa: F401
+# Session-scoped real parts (Ray head, moto S3) for tests/integration and tests/e2e, defined once here;
+# `cluster` (PostgreSQL, an MLflow server, two Ray nodes) is module-scoped: tests/e2e/test_cluster.py.
+from tests.realparts import cluster, home, moto_s3  # noqa: F401
 
 
 @pytest.fixture(autouse=True)

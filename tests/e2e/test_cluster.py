@@ -1,0 +1,132 @@
+"""The pipeline on a cluster laid out as infra/k8s deploys it, on this machine: a two-node
+Ray cluster (token auth), an MLflow server on PostgreSQL with basic auth and its artifacts
+proxied to S3 (moto), the pipeline's storage on that S3. The `cluster` fixture
+(tests/realparts.py) says what runs where."""
+
+from __future__ import annotations
+
+import base64
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import boto3
+import psycopg
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.realparts import (AWS_KEY_ID, AWS_SECRET, DIGITS, MLFLOW_ADMIN_PASSWORD, MLFLOW_PASSWORD, MLFLOW_USER,
+                             PG_PASSWORD, genpipe, last_json)
+
+pytestmark = pytest.mark.integration
+
+SECRETS = (MLFLOW_PASSWORD, MLFLOW_ADMIN_PASSWORD, PG_PASSWORD, AWS_SECRET)
+
+
+def _s3(moto_s3):
+    return boto3.client("s3", endpoint_url=moto_s3["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                        aws_access_key_id=AWS_KEY_ID, aws_secret_access_key=AWS_SECRET)
+
+
+def _keys(s3, prefix: str) -> list[str]:
+    return [o["Key"] for p in s3.get_paginator("list_objects_v2").paginate(Bucket="genpipe", Prefix=prefix)
+            for o in p.get("Contents", [])]
+
+
+def _without_credentials(env: dict) -> dict:
+    return {k: v for k, v in env.items() if k not in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
+
+
+def test_pipeline_on_two_nodes_with_mlflow_on_postgres_and_s3(cluster, moto_s3, monkeypatch):
+    r = genpipe(cluster, "pipeline", "--config", "jobs/smoke.yaml", *DIGITS, "--address", cluster["address"],
+                "--set", "name=cluster", "--set", "storage=s3://genpipe/cluster", "--set", "train.num_workers=2",
+                "--set", "registry.model_name=cluster-dcgan")
+    (cluster["logs"] / "pipeline.log").write_text(r.stderr)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = last_json(r.stdout)
+    assert out["model"] == "cluster-dcgan" and out["version"] == 1
+    assert "step 60/60" in r.stderr  # rank 0's progress reaches the user, whichever node it ran on
+
+    # The registry, through the server: every run FINISHED, the version there, its files in S3.
+    for k, v in cluster["env"].items():
+        if k.startswith("MLFLOW_"):
+            monkeypatch.setenv(k, v)
+    c = MlflowClient(cluster["mlflow"], registry_uri=cluster["mlflow"])
+    runs = {stage: c.get_run(run_id) for stage, run_id in out["runs"].items()}
+    assert {stage: run.info.status for stage, run in runs.items()} == dict.fromkeys(out["runs"], "FINISHED")
+    mv = c.get_model_version("cluster-dcgan", "1")
+    assert mv.run_id == out["runs"]["register"]
+    s3 = _s3(moto_s3)
+    artifacts = _keys(s3, "mlflow-artifacts/")
+    assert any(k.endswith("/MLmodel") for k in artifacts), artifacts  # the registered pyfunc, proxied to S3
+    assert any(k.endswith("/samples.png") for k in artifacts), artifacts
+    with psycopg.connect(host="127.0.0.1", port=cluster["pg"]["port"], user="mlflow", password=PG_PASSWORD,
+                         dbname="mlflow") as db:
+        in_postgres = {row[0] for row in db.execute("select run_uuid from runs")}
+    assert set(out["runs"].values()) <= in_postgres
+
+    # Train's two workers ran one on each node: as the train stage tags its run (a node id per
+    # rank) and as Ray's state API says (it keeps dead actors, with their node).
+    assert sorted(json.loads(runs["train"].data.tags["genpipe.train_nodes"])) == cluster["node_ids"]
+    workers = cluster["ray"].state("actors", class_name="RayTrainWorker")
+    assert sorted({a["node_id"] for a in workers}) == cluster["node_ids"], workers
+
+    # The MLflow credentials reach stage jobs through the nodes' environment, never the job's
+    # runtime_env (which the dashboard shows); no password is in anything the pipeline wrote.
+    jobs = cluster["ray"].jobs()
+    assert {j["submission_id"].split("-")[1] for j in jobs} >= {"prepare", "train", "evaluate", "register"}
+    for j in jobs:
+        env_vars = (j.get("runtime_env") or {}).get("env_vars", {})
+        assert not set(env_vars) & {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+                                    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}, env_vars
+    written = {f"s3://genpipe/{k}": s3.get_object(Bucket="genpipe", Key=k)["Body"].read()
+               for k in _keys(s3, "cluster/") + artifacts}
+    written |= {f"run {stage}": json.dumps([run.data.params, run.data.tags]).encode() for stage, run in runs.items()}
+    written["model version"] = json.dumps([mv.tags, mv.description, mv.source]).encode()
+    written["ray jobs"] = json.dumps(jobs).encode()
+    written["stdout+stderr"] = (r.stdout + r.stderr).encode()
+    written |= {str(f): f.read_bytes() for d in cluster["ray"].temp_dirs for f in Path(d).rglob("*")
+                if f.is_file() and not f.is_symlink()}  # both nodes' session logs: what the dashboard serves
+    assert any("manifest.json" in where for where in written) and any("specs/" in where for where in written)
+    for secret in SECRETS:
+        leaks = [where for where, data in written.items() if secret.encode() in data]
+        assert not leaks, f"{secret} written to {leaks}"
+
+
+def test_mlflow_with_basic_auth_refuses_a_client_without_credentials(cluster):
+    bare = {"env": _without_credentials(cluster["env"])}
+    wrong = {"env": {**cluster["env"], "MLFLOW_TRACKING_PASSWORD": "not-the-password"}}
+    pipeline = ["pipeline", "--config", "jobs/smoke.yaml", *DIGITS, "--address", cluster["address"],
+                "--set", "name=refused", "--set", "storage=s3://genpipe/refused"]
+    for who, args in ((bare, ["models", "list"]), (wrong, ["models", "list"]), (bare, pipeline)):
+        r = genpipe(who, *args, timeout=300)
+        assert r.returncode == 2, (args, r.stderr[-3000:])
+        assert r.stderr.strip() == (f"genpipe: error: MLflow at {cluster['mlflow']} refused the credentials "
+                                    "(HTTP 401): set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"), r.stderr
+    assert "submitted" not in r.stderr  # the pipeline stopped before any stage job
+
+    r = genpipe(cluster, "models", "list", timeout=300)
+    assert r.returncode == 0 and r.stdout.startswith("model"), r.stderr[-3000:]
+    assert MLFLOW_PASSWORD not in r.stdout + r.stderr
+
+
+def test_mlflow_answers_only_its_allowed_hosts(cluster):
+    """--allowed-hosts is MLflow's DNS-rebinding guard: another Host header gets 403, /health excepted."""
+    port = cluster["mlflow_port"]
+    auth = "Basic " + base64.b64encode(f"{MLFLOW_USER}:{MLFLOW_PASSWORD}".encode()).decode()
+
+    def status(host: str, path: str = "/api/2.0/mlflow/experiments/search?max_results=1", **headers) -> int:
+        req = urllib.request.Request(f"{cluster['mlflow']}{path}", headers={"Host": host, **headers})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return resp.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    assert status("evil.example", Authorization=auth) == 403
+    assert status(f"evil.example:{port}", Authorization=auth) == 403
+    assert status(f"127.0.0.1:{port}", Authorization=auth) == 200
+    assert status(f"localhost:{port}", Authorization=auth) == 200
+    assert status(f"127.0.0.1:{port}") == 401  # right host, no credentials
+    assert status("evil.example", "/health") == 200  # what infra/k8s/mlflow.yaml's probes rely on
