@@ -140,6 +140,10 @@ def _running(pid: int) -> bool:
 def _head_env() -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("RAY_AUTH_MODE", "token")
+    # On Linux Ray swaps --node-ip-address=127.0.0.1 for the machine's address and its GCS, raylet
+    # and agents listen on every interface. This switch (meant for laptops: no multi-node cluster)
+    # keeps a single-node head on loopback only, which is all a local head is.
+    env.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     # Job entrypoints call `python`: make it this interpreter.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env

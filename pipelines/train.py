@@ -233,6 +233,8 @@ def train_loop(cfg: dict[str, Any]) -> None:
             metrics |= validate(model)
         if logger:
             logger.log(metrics, step)
+            if searching:  # Tune may stop the trial at this report: MLflow must have it by then
+                logger.flush()
             shown = " ".join(f"{k.removeprefix('train/')}={v:.4g}" for k, v in metrics.items())
             # Straight to fd 2: Ray Train's worker tees sys.stderr, which would print every line twice.
             os.write(2, f"step {step}/{spec.train.steps} {shown}\n".encode())
@@ -305,7 +307,8 @@ class _MetricLogger:
 
     A thread of its own sends each report, so training never waits on MLflow: when the
     server is away (restarted, unreachable) the reports queue up and go once it answers
-    again, in order. `close` waits for the queue to drain, up to `drain_s`.
+    again, in order. `close` waits for the queue to drain, up to `drain_s`; a search trial,
+    which Tune may stop at any report, flushes at each one.
     """
 
     def __init__(self, tracking_uri: str, run_id: str, *, skip_logged: bool, drain_s: float = 300):
@@ -349,6 +352,11 @@ class _MetricLogger:
                     delay = min(2 * delay, 30.0)
             if warned:
                 os.write(2, b"MLflow took the report; logging resumed\n")
+            self.queue.task_done()
+
+    def flush(self) -> None:
+        """Wait until every report so far is in MLflow."""
+        self.queue.join()
 
     def close(self) -> None:
         self.queue.put(None)
