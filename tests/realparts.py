@@ -97,6 +97,19 @@ DIGITS = ["--set", "data.source=digits", "--set", "extractor.epochs=30", "--set"
           "--set", "evaluate.grid_size=16"]
 
 
+def committed_checkpoint(train_dir: Path) -> bool:
+    """Whether Ray Train has committed a checkpoint under a train stage's directory: it counts one only
+    once its controller has written it into the manager snapshot; the files land earlier, and a run
+    cut in between restarts from 0."""
+    for snapshot in train_dir.glob("*/checkpoint_manager_snapshot.json"):
+        try:
+            if json.loads(snapshot.read_text()).get("latest_checkpoint_result"):
+                return True
+        except json.JSONDecodeError:  # caught mid-write
+            pass
+    return False
+
+
 def reserved_placement_groups(home: dict) -> list[dict]:
     """The placement groups that still reserve resources on the session's head, through Ray's state CLI."""
     ray = str(Path(sys.executable).with_name("ray"))

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.realparts import DIGITS, GENPIPE, REPO, _free_port
+from tests.realparts import DIGITS, GENPIPE, REPO, _free_port, committed_checkpoint
 
 pytestmark = pytest.mark.integration
 
@@ -52,17 +52,6 @@ def _wait_for(what: str, cond, proc: subprocess.Popen, timeout: float = 300) -> 
             raise AssertionError(f"training ended before {what}: {proc.stderr.read()[-3000:]}")
         assert time.time() < deadline, f"timed out waiting for {what}"
         time.sleep(0.2)
-
-
-def _committed(train_dir: Path) -> bool:
-    """Ray Train counts a checkpoint once its controller has written it into the manager snapshot."""
-    for snapshot in train_dir.glob("*/checkpoint_manager_snapshot.json"):
-        try:
-            if json.loads(snapshot.read_text()).get("latest_checkpoint_result"):
-                return True
-        except json.JSONDecodeError:  # caught mid-write
-            pass
-    return False
 
 
 def _train_workers(home) -> list[int]:
@@ -100,7 +89,7 @@ def _sqlite(home) -> MlflowClient:
 def test_killed_train_worker_restarts_from_its_checkpoint(home):
     name = "fault-worker-kill"
     proc = _start_train(home, name, "train.max_failures=2")
-    _wait_for("a committed checkpoint", lambda: _committed(home["path"] / "storage" / name / "train"), proc)
+    _wait_for("a committed checkpoint", lambda: committed_checkpoint(home["path"] / "storage" / name / "train"), proc)
     workers = _train_workers(home)
     assert len(workers) == 2
     os.kill(workers[-1], signal.SIGKILL)
@@ -115,7 +104,7 @@ def test_killed_driver_rerun_follows_the_running_train_job(home):
     """SIGKILL leaves no driver to stop the train job: the same command, run again, follows it."""
     name = "fault-driver-kill"
     proc = _start_train(home, name)
-    _wait_for("a committed checkpoint", lambda: _committed(home["path"] / "storage" / name / "train"), proc)
+    _wait_for("a committed checkpoint", lambda: committed_checkpoint(home["path"] / "storage" / name / "train"), proc)
     proc.kill()
     proc.wait(30)
     again = _start_train(home, name)
@@ -151,7 +140,7 @@ def test_hung_collective_times_out_and_is_retried(home):
     """A frozen peer (SIGSTOP) leaves the other rank in an all-reduce until the collective timeout."""
     name = "fault-hung-collective"
     proc = _start_train(home, name, "train.max_failures=1", "train.collective_timeout_s=15")
-    _wait_for("a committed checkpoint", lambda: _committed(home["path"] / "storage" / name / "train"), proc)
+    _wait_for("a committed checkpoint", lambda: committed_checkpoint(home["path"] / "storage" / name / "train"), proc)
     workers = _train_workers(home)
     assert len(workers) == 2
     frozen = workers[-1]

@@ -15,7 +15,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from tests.realparts import DIGITS, GENPIPE, REPO, genpipe
+from tests.realparts import DIGITS, GENPIPE, REPO, committed_checkpoint, genpipe
 
 pytestmark = pytest.mark.integration
 
@@ -32,18 +32,6 @@ def _train(home, name: str, *sets: str, config: str = "jobs/smoke.yaml") -> subp
     r = genpipe(home, *args)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
-
-
-def _committed_checkpoint(train_dir: Path) -> bool:
-    """Ray Train counts a checkpoint only once its controller has written it into the
-    manager snapshot; the files land earlier, and a run cut in between restarts from 0."""
-    for snapshot in train_dir.glob("*/checkpoint_manager_snapshot.json"):
-        try:
-            if json.loads(snapshot.read_text()).get("latest_checkpoint_result"):
-                return True
-        except json.JSONDecodeError:  # caught mid-write
-            pass
-    return False
 
 
 def _mlflow(home) -> MlflowClient:
@@ -74,7 +62,7 @@ def test_interrupted_training_resumes_to_the_uninterrupted_result(home):
     proc = subprocess.Popen(args, env=home["env"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     train_dir = home["path"] / "storage" / "resume-cut" / "train"
     deadline = time.time() + 300
-    while not _committed_checkpoint(train_dir):
+    while not committed_checkpoint(train_dir):
         assert proc.poll() is None, "training finished or failed before it could be interrupted"
         assert time.time() < deadline
         time.sleep(0.2)
