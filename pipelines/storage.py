@@ -72,7 +72,8 @@ def retrying_s3_filesystem(endpoint: str | None):
         def __reduce__(self):
             return retrying_s3_filesystem, (endpoint,)
 
-    return RetryingS3FileSystem(endpoint_override=endpoint, retry_strategy=fs.AwsStandardS3RetryStrategy(max_attempts=10))
+    return RetryingS3FileSystem(endpoint_override=endpoint,
+                                retry_strategy=fs.AwsStandardS3RetryStrategy(max_attempts=10))
 
 
 def _split(uri: str) -> tuple[str, str]:

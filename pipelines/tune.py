@@ -329,7 +329,7 @@ def run(spec: PipelineSpec, prepared: dict, *, run_id: str, tracking_uri: str, s
     name = f"search-{key}"
     path = storage.join(storage_path, name)
     fs, fs_root = storage.ray_storage(storage_path)
-    fs_path = storage.ray_storage(path)[1]
+    fs_path = storage.join(fs_root, name)  # `path` as the filesystem names it (no s3:// scheme)
     if tune.Tuner.can_restore(fs_path, storage_filesystem=fs):
         if not resume:
             raise InvalidInput(f"an interrupted search is at {path}: continue it with --resume")
