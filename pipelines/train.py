@@ -83,6 +83,18 @@ def step_seed(seed: int, rank: int, step: int) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}:{rank}:{step}".encode(), digest_size=8).digest(), "little") >> 1
 
 
+def seed_step(seed: int, device: torch.device) -> None:
+    """Reseed the generators a step draws from: the CPU's and, on a GPU, that device's.
+
+    Not `torch.manual_seed`: it seeds every backend, and while CUDA is uninitialised it queues
+    each seeding with a formatted stack trace, about 150 us a call on this VM's CPU, paid every step.
+    """
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()
+                                      ].manual_seed(seed)
+
+
 def _average_buffers(model: GenerativeModel) -> None:
     """BatchNorm running stats drift apart per rank (no SyncBatchNorm on CPU): average them.
 
@@ -289,7 +301,7 @@ def run_steps(model: GenerativeModel, ctx: StepContext, batches: StepBatches, *,
     window: list[dict] = []
     t0 = time.perf_counter()
     for step in range(start, stop):
-        torch.manual_seed(step_seed(seed, batches.rank, step))
+        seed_step(step_seed(seed, batches.rank, step), device)
         ctx.step = step
         with ctx.autocast():
             out = model.training_step(batches.batch(step, device), ctx)
@@ -305,43 +317,45 @@ def run_steps(model: GenerativeModel, ctx: StepContext, batches: StepBatches, *,
 class _MetricLogger:
     """Rank 0's metric log into the train stage's MLflow run (run status stays the driver's).
 
-    A thread of its own sends each report, so training never waits on MLflow: when the
-    server is away (restarted, unreachable) the reports queue up and go once it answers
-    again, in order. `close` waits for the queue to drain, up to `drain_s`; a search trial,
-    which Tune may stop at any report, flushes at each one.
+    A thread of its own imports MLflow, then sends each report, so training never waits on
+    MLflow, from its first step on (the import alone is 4 s of a cold start): when the server
+    is away (restarted, unreachable) the reports queue up and go once it answers again, in
+    order. `close` waits for the queue to drain, up to `drain_s`; a search trial, which Tune
+    may stop at any report, flushes at each one.
     """
 
     def __init__(self, tracking_uri: str, run_id: str, *, skip_logged: bool, drain_s: float = 300):
-        from mlflow.tracking import MlflowClient
-
-        self.client, self.run_id, self.drain_s = MlflowClient(tracking_uri), run_id, drain_s
-        self.logged_through = self._last_logged_step() if skip_logged else -1
+        self.tracking_uri, self.run_id, self.skip_logged, self.drain_s = tracking_uri, run_id, skip_logged, drain_s
         self.queue: queue.Queue = queue.Queue()
         self.thread = threading.Thread(target=self._send_all, name="mlflow-metrics", daemon=True)
         self.thread.start()
 
-    def _last_logged_step(self) -> int:
-        # Every report carries img_per_s.
-        return max((m.step for m in self.client.get_metric_history(self.run_id, "train/img_per_s")), default=-1)
-
     def log(self, metrics: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
-        if step > self.logged_through:
-            now = int(time.time() * 1000)
-            self.queue.put({"metrics": [Metric(k, v, now, step) for k, v in metrics.items() if k != "step"]})
+        self.queue.put(("metrics", step, int(time.time() * 1000), {k: v for k, v in metrics.items() if k != "step"}))
 
     def tag(self, key: str, value: str) -> None:
-        from mlflow.entities import RunTag
-
-        self.queue.put({"tags": [RunTag(key, value)]})
+        self.queue.put(("tag", key, value))
 
     def _send_all(self) -> None:
-        while (batch := self.queue.get()) is not None:
+        from mlflow.entities import Metric, RunTag
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(self.tracking_uri)
+        logged_through = None if self.skip_logged else -1  # a restart asks MLflow (below) what it already has
+        while (item := self.queue.get()) is not None:
+            kind, *rest = item
             delay, warned = 1.0, False
             while True:
                 try:
-                    self.client.log_batch(self.run_id, **batch)
+                    if kind == "tag":
+                        client.log_batch(self.run_id, tags=[RunTag(*rest)])
+                    else:
+                        step, ts, metrics = rest
+                        if logged_through is None:  # every report carries img_per_s
+                            logged_through = max((m.step for m in client.get_metric_history(
+                                self.run_id, "train/img_per_s")), default=-1)
+                        if step > logged_through:
+                            client.log_batch(self.run_id, metrics=[Metric(k, v, ts, step) for k, v in metrics.items()])
                     break
                 except Exception as e:  # noqa: BLE001 - any failure: keep the report, try again
                     if not warned:

@@ -3,7 +3,7 @@
 import torch
 
 from gen_models.base import StepContext
-from pipelines.train import StepBatches, step_seed
+from pipelines.train import StepBatches, seed_step, step_seed
 
 
 def _batches(world: int, rank: int, n: int = 50, batch: int = 8) -> StepBatches:
@@ -37,6 +37,17 @@ def test_step_seeds_differ_by_rank_and_step():
     seeds = {step_seed(0, r, s) for r in range(4) for s in range(0, 100_000, 7)}
     assert len(seeds) == 4 * len(range(0, 100_000, 7))
     assert step_seed(0, 0, 5) == step_seed(0, 0, 5) != step_seed(1, 0, 5)
+
+
+def test_seed_step_fixes_the_draws_whatever_came_before():
+    cpu = torch.device("cpu")
+    seed_step(step_seed(0, 0, 3), cpu)
+    first = (torch.randn(4), torch.randint(10, (4,)), torch.rand(4))
+    torch.rand(100)  # a different history of draws
+    seed_step(step_seed(0, 0, 3), cpu)
+    assert all(torch.equal(a, b) for a, b in zip(first, (torch.randn(4), torch.randint(10, (4,)), torch.rand(4))))
+    seed_step(step_seed(0, 0, 4), cpu)
+    assert not torch.equal(first[0], torch.randn(4))
 
 
 def test_grad_clip_bounds_the_update():
