@@ -195,11 +195,29 @@ class Cluster:
         """
         metadata = {"genpipe_stage": stage, "genpipe_key": key}
         job_id = self._running_job(metadata)
-        if job_id:
-            self.log(f"[{stage}] job {job_id} from an earlier call is still running: following it")
-        else:
-            job_id = self._submit(stage, args, metadata, env=env, num_gpus=num_gpus)
-        self._follow(stage, job_id)
+        earlier = job_id is not None
+        # A new job's id is chosen before its submission, so a Ctrl-C or SIGTERM that lands while
+        # the request is in flight still stops the job the head may have created.
+        job_id = job_id or f"genpipe-{stage}-{uuid.uuid4().hex[:8]}"
+        try:
+            if earlier:
+                self.log(f"[{stage}] job {job_id} from an earlier call is still running: following it")
+            else:
+                self._submit(stage, job_id, args, metadata, env=env, num_gpus=num_gpus)
+            self._follow(stage, job_id)
+        except (StageFailed, InvalidInput, GateFailed):
+            raise  # the job has ended
+        except BaseException:
+            self.log(f"[{stage}] stopping job {job_id}")
+            try:
+                self.client.stop_job(job_id)
+                for _ in range(40):
+                    if str(self.client.get_job_status(job_id).value) in TERMINAL:
+                        break
+                    time.sleep(0.25)
+            except RuntimeError:
+                pass  # the head never had the job: interrupted before it was created
+            raise
 
     def _running_job(self, metadata: dict[str, str]) -> str | None:
         for job in self.client.list_jobs():
@@ -207,9 +225,8 @@ class Cluster:
                 return job.submission_id
         return None
 
-    def _submit(self, stage: str, args: list[str], metadata: dict[str, str], *, env: dict[str, str],
-                num_gpus: float) -> str:
-        job_id = f"genpipe-{stage}-{uuid.uuid4().hex[:8]}"
+    def _submit(self, stage: str, job_id: str, args: list[str], metadata: dict[str, str], *, env: dict[str, str],
+                num_gpus: float) -> None:
         entrypoint = " ".join(["python", "-m", "pipelines.stages", stage, *map(shlex.quote, args)])
         for attempt in range(60):
             try:
@@ -221,28 +238,18 @@ class Cluster:
                     raise
                 time.sleep(0.5)
         self.log(f"[{stage}] job {job_id} submitted")
-        return job_id
 
     def _follow(self, stage: str, job_id: str) -> None:
         shown = 0
-        try:
-            while True:
-                status = str(self.client.get_job_status(job_id).value)
-                logs = self.client.get_job_logs(job_id)
-                for line in logs[shown:].splitlines():
-                    self.log(f"[{stage}] {line}")
-                shown = len(logs)
-                if status in TERMINAL:
-                    break
-                time.sleep(0.5)
-        except BaseException:
-            self.log(f"[{stage}] stopping job {job_id}")
-            self.client.stop_job(job_id)
-            for _ in range(40):
-                if str(self.client.get_job_status(job_id).value) in TERMINAL:
-                    break
-                time.sleep(0.25)
-            raise
+        while True:
+            status = str(self.client.get_job_status(job_id).value)
+            logs = self.client.get_job_logs(job_id)
+            for line in logs[shown:].splitlines():
+                self.log(f"[{stage}] {line}")
+            shown = len(logs)
+            if status in TERMINAL:
+                break
+            time.sleep(0.5)
         if status != "SUCCEEDED":
             info = self.client.get_job_info(job_id)
             tail = "\n".join(logs.splitlines()[-30:])

@@ -118,20 +118,27 @@ def test_killed_driver_rerun_follows_the_running_train_job(home):
     assert runs == {name: "FINISHED", f"{name}/prepare": "FINISHED", f"{name}/train": "FINISHED"}
 
 
+def _stage_jobs(home, name: str, stage: str) -> list[dict]:
+    """The Ray jobs of one stage of one pipeline on the session's head (their metadata names both)."""
+    ray = str(Path(sys.executable).with_name("ray"))
+    r = subprocess.run([ray, "list", "jobs", "--address", home["address"], "--detail", "--format", "json"],
+                       env={**home["env"], "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, check=True)
+    jobs = [] if r.stdout.startswith("No resource") else json.loads(r.stdout)
+    return [j for j in jobs if (j.get("metadata") or {}).get("genpipe_stage") == stage
+            and f"/{name}/{stage}/" in j["metadata"].get("genpipe_key", "")]
+
+
 def test_sigterm_ends_every_run_killed_and_stops_the_job(home):
     name = "fault-sigterm"
     proc = _start_train(home, name)
     c = _sqlite(home)
-
-    def training() -> bool:
-        exp = c.get_experiment_by_name(name)
-        return bool(exp and c.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{name}/train'"))
-
-    _wait_for("the train stage", training, proc)
+    _wait_for("the train job", lambda: _stage_jobs(home, name, "train"), proc)
     proc.terminate()
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]
     assert "[train] stopping job" in err
+    (job,) = _stage_jobs(home, name, "train")
+    assert job["status"] == "STOPPED", job
     runs = {r.info.run_name: r.info.status for r in c.search_runs([c.get_experiment_by_name(name).experiment_id])}
     assert runs == {name: "KILLED", f"{name}/prepare": "FINISHED", f"{name}/train": "KILLED"}
 
