@@ -149,19 +149,28 @@ def _head_env() -> dict[str, str]:
     return env
 
 
-def resolve_address(address: str | None, log=print) -> tuple[str, bool]:
-    """(dashboard URL, is_local) from --address, RAY_ADDRESS, or a local head."""
+def target(address: str | None) -> tuple[str | None, bool]:
+    """(dashboard URL, is_local) from --address or RAY_ADDRESS; the URL is None when a local head is to be
+    started. Starts nothing, so a bad address or a remote cluster with local storage is refused at once."""
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
+        return None, True
+    if not re.match(r"^https?://", address):
+        raise InvalidInput(f"--address {address!r}: give the Ray dashboard URL, e.g. http://head:8265")
+    host = re.sub(r"^https?://", "", address).split(":")[0].split("/")[0]
+    return address.rstrip("/"), host in ("127.0.0.1", "localhost", "::1")
+
+
+def resolve_address(address: str | None, log=print) -> tuple[str, bool]:
+    """(dashboard URL, is_local) from --address, RAY_ADDRESS, or a local head (started if none is up)."""
+    url, local = target(address)
+    if url is None:
         os.environ.setdefault("RAY_AUTH_MODE", "token")
         _ensure_token()
         return start_local_head(log=log), True
     if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
         os.environ.setdefault("RAY_AUTH_MODE", "token")  # without it Ray's clients send no token at all
-    if not re.match(r"^https?://", address):
-        raise InvalidInput(f"--address {address!r}: give the Ray dashboard URL, e.g. http://head:8265")
-    host = re.sub(r"^https?://", "", address).split(":")[0].split("/")[0]
-    return address.rstrip("/"), host in ("127.0.0.1", "localhost", "::1")
+    return url, local
 
 
 def _ensure_token() -> None:

@@ -13,10 +13,12 @@ import hashlib
 import json
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from pipelines import storage, tracking
 from pipelines.cluster import Cluster, resolve_address
+from pipelines.cluster import target as cluster_target
 from pipelines.config import PipelineSpec
 from pipelines.errors import InvalidInput
 from pipelines.stages import STAGES
@@ -49,13 +51,17 @@ def run(spec: PipelineSpec, *, until: str = "register", address: str | None = No
         raise InvalidInput("the spec searches (tune.space): run genpipe tune or genpipe pipeline" if until == "train"
                            else "the spec has no tune.space: nothing to search")
     root = storage.validate(spec.storage or str(tracking.genpipe_home() / "storage"))
-    url, local = resolve_address(address, log=echo)
+    given, local = cluster_target(address)
     uri = tracking.tracking_uri()
     if not local and (not storage.is_s3(root) or tracking.is_local_uri(uri)):
         raise InvalidInput(
-            f"cluster {url} is remote: its workers cannot see local storage {root!r} or tracking {uri!r}; "
+            f"cluster {given} is remote: its workers cannot see local storage {root!r} or tracking {uri!r}; "
             "set storage: s3://bucket/prefix and MLFLOW_TRACKING_URI=http://mlflow-server:5000")
-    cluster = Cluster(url, log=echo)
+    # A local head takes 10 s or more to come up: MLflow's import, its database and the run tree are
+    # set up meanwhile (up to 6 s on a fresh GENPIPE_HOME, measured on the demo's machine).
+    pool = ThreadPoolExecutor(1, thread_name_prefix="ray-head")
+    head = pool.submit(resolve_address, given, log=echo)
+    pool.shutdown(wait=False)
     spec_uri = storage.join(root, spec.name, "specs", f"{spec.hash()}.json")
     storage.write_bytes(spec_uri, json.dumps(spec.to_dict(), indent=2).encode())
 
@@ -69,6 +75,7 @@ def run(spec: PipelineSpec, *, until: str = "register", address: str | None = No
     runs, outputs, manifests = {"pipeline": parent}, {}, []
     echo(f"pipeline {spec.name}: MLflow run {parent} at {uri}; storage {root}")
     with tracking.sigterm_as_exception(), tracking.run_status(c, parent):
+        cluster = Cluster(head.result()[0], log=echo)
         key = ""
         for stage in stages[:stages.index(until) + 1]:
             key = stage_key(spec, stage, key, outputs)

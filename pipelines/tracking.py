@@ -12,10 +12,10 @@ import os
 import signal
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-from mlflow.entities import RunStatus
-from mlflow.tracking import MlflowClient
+if TYPE_CHECKING:  # MLflow is imported where it is used: the CLI starts a Ray head before it pays for it
+    from mlflow.tracking import MlflowClient
 
 KEY_TAG = "genpipe.key"
 
@@ -55,6 +55,8 @@ def is_local_uri(uri: str) -> bool:
 
 
 def client() -> MlflowClient:
+    from mlflow.tracking import MlflowClient
+
     uri = tracking_uri()
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
@@ -109,6 +111,8 @@ def sigterm_as_exception() -> Iterator[None]:
 @contextmanager
 def run_status(c: MlflowClient, run_id: str) -> Iterator[None]:
     """FINISHED on success, KILLED on Ctrl-C/SIGTERM, FAILED otherwise; never left RUNNING."""
+    from mlflow.entities import RunStatus
+
     try:
         yield
     except (KeyboardInterrupt, Terminated):
@@ -122,6 +126,8 @@ def run_status(c: MlflowClient, run_id: str) -> Iterator[None]:
 
 def _terminate(c: MlflowClient, run_id: str, status: int) -> None:
     """The run and its children still RUNNING (a search's trials, whose job died with it)."""
+    from mlflow.entities import RunStatus
+
     exp = c.get_run(run_id).info.experiment_id
     children = c.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{run_id}' and "
                                                   "attributes.status = 'RUNNING'")
