@@ -57,8 +57,8 @@ def run(spec: PipelineSpec, *, until: str = "register", address: str | None = No
         raise InvalidInput(
             f"cluster {given} is remote: its workers cannot see local storage {root!r} or tracking {uri!r}; "
             "set storage: s3://bucket/prefix and MLFLOW_TRACKING_URI=http://mlflow-server:5000")
-    # A local head takes 10 s or more to come up: MLflow's import, its database and the run tree are
-    # set up meanwhile (up to 6 s on a fresh GENPIPE_HOME, measured on the demo's machine).
+    # A local head takes about 10 s to come up: MLflow's import (2-4 s on the demo's machine), a new
+    # sqlite database (2 s) and the run tree are set up meanwhile.
     pool = ThreadPoolExecutor(1, thread_name_prefix="ray-head")
     head = pool.submit(resolve_address, given, log=echo)
     pool.shutdown(wait=False)
