@@ -144,6 +144,10 @@ def _head_env() -> dict[str, str]:
     # and agents listen on every interface. This switch (meant for laptops: no multi-node cluster)
     # keeps a single-node head on loopback only, which is all a local head is.
     env.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    # Train's PreemptionWatcher polls for nodes being drained (spot instances). A local head is one
+    # machine that is never drained, and the watcher is one more Python process booting on its cores
+    # just as the first training steps run. The workers inherit this from the head.
+    env.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     # Job entrypoints call `python`: make it this interpreter.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
@@ -258,7 +262,7 @@ class Cluster:
             shown = len(logs)
             if status in TERMINAL:
                 break
-            time.sleep(0.5)
+            time.sleep(0.25)  # the next stage waits on this poll: half of it, on average, a stage
         if status != "SUCCEEDED":
             info = self.client.get_job_info(job_id)
             tail = "\n".join(logs.splitlines()[-30:])

@@ -174,3 +174,24 @@ def test_fid_agrees_with_torchmetrics_on_the_extractor_features(digits_extractor
     tm.update(train, real=False)
     ours = metrics.fid_from_features(metrics.extract(model, test)[0], metrics.extract(model, train)[0])
     assert ours == pytest.approx(float(tm.compute()), rel=1e-3)
+
+
+@pytest.mark.parametrize("n, channels, mode", [(10, 1, "L"), (5, 3, "RGB")])
+def test_sample_grid_places_every_image_in_a_near_square_grid(n, channels, mode):
+    import io
+
+    from PIL import Image
+
+    from pipelines.evaluate import grid_png
+
+    images = torch.rand(n, channels, 8, 6)
+    png = Image.open(io.BytesIO(grid_png(images)))
+    cols = 4 if n == 10 else 3  # ceil(sqrt(n)) columns, as many rows as needed, 2 white pixels around tiles
+    rows = -(-n // cols)
+    assert png.mode == mode and png.size == (2 + cols * 8, 2 + rows * 10)
+    pixels = np.asarray(png).reshape(png.height, png.width, channels)
+    for i in (0, n - 1):
+        y, x = 2 + (i // cols) * 10, 2 + (i % cols) * 8
+        tile = pixels[y:y + 8, x:x + 6].transpose(2, 0, 1)
+        assert np.abs(tile / 255 - images[i].numpy()).max() <= 0.5 / 255 + 1e-6
+    assert (pixels[:2] == 255).all() and (pixels[:, x + 6:x + 8] == 255).all()
