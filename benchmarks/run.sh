@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CPU benchmark suite in one command (the GPU one is benchmarks/gpu.sh):
 #
-#     bash benchmarks/run.sh [OUTDIR]          # about 25 minutes on 2 cores
+#     bash benchmarks/run.sh [OUTDIR]          # about 30 minutes on 2 cores
 #
 # Each benchmark prints a table and ends with one JSON line; the JSON lines are
 # collected in OUTDIR/bench.jsonl. Run it on an otherwise idle machine: the
@@ -18,6 +18,8 @@ run train_loop_fast benchmarks/train_loop.py --family beta_vae cgan conv_vae dcg
 run train_loop_heavy benchmarks/train_loop.py --family ddpm ebm pixelcnn realnvp stylegan --steps 6 --rounds 2
 # 2. Sampling cost per family and sampler.
 run sampling benchmarks/sampling.py --n 8
+# 2b. What DDIM's cheaper chain costs in quality: a DDPM trained on 8x8 digits, each sampler's img/s and FID.
+run sampling_quality benchmarks/sampling_quality.py
 # 3. Orchestration overhead and data path of the demo; 4. scaling: the same run on one worker.
 run orchestration_demo benchmarks/orchestration.py --config jobs/demo.yaml
 run orchestration_demo_1worker benchmarks/orchestration.py --config jobs/demo.yaml --set train.num_workers=1
