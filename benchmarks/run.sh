@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CPU benchmark suite in one command (the GPU one is benchmarks/gpu.sh):
 #
-#     bash benchmarks/run.sh [OUTDIR]          # about 30 minutes on 2 cores
+#     bash benchmarks/run.sh [OUTDIR]          # about 45 minutes on 2 cores
 #
 # Each benchmark prints a table and ends with one JSON line; the JSON lines are
 # collected in OUTDIR/bench.jsonl. Run it on an otherwise idle machine: the
