@@ -7,9 +7,12 @@ address resolution and remote-cluster rule of the driver, and MLflow's Host-head
 
 from __future__ import annotations
 
+import configparser
 import fnmatch
 import re
 import shlex
+import subprocess
+import sys
 import tomllib
 from functools import cache
 from pathlib import Path
@@ -22,7 +25,8 @@ from packaging.utils import canonicalize_name
 
 from gen_models import registry
 from pipelines import cli, config, storage, tracking
-from pipelines.cluster import resolve_address
+from pipelines.cluster import STOP_WAIT_S, resolve_address, target
+from pipelines.pipeline import entrypoint_resources, stages_of
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "infra" / "k8s"
@@ -30,7 +34,13 @@ DOCKERFILE = ROOT / "infra" / "Dockerfile"
 SECRET_LIKE = re.compile(r"KEY|SECRET|PASSWORD|TOKEN", re.IGNORECASE)
 # The pins that make or break the image; the Dockerfile installs them before the package.
 HEAVY_PINS = ("torch", "torchvision", "ray", "mlflow")
-OPERATOR_LABELS = {"app.kubernetes.io/name": "kuberay-operator"}  # the KubeRay Helm chart's pod label
+# The KubeRay operator pod's labels as its two installs set them: the Helm chart (release
+# kuberay-operator, no nameOverride) and the kustomize manifests (ray-operator/config/manager).
+OPERATOR_POD_LABELS = {
+    "helm": {"app.kubernetes.io/name": "kuberay-operator", "app.kubernetes.io/instance": "kuberay-operator",
+             "app.kubernetes.io/component": "kuberay-operator"},
+    "kustomize": {"app.kubernetes.io/name": "kuberay", "app.kubernetes.io/component": "kuberay-operator"},
+}
 
 
 # -- reading ---------------------------------------------------------------------------
@@ -93,6 +103,19 @@ def image_tag() -> str:
 
 def workdir() -> str:
     return [args for word, args in instructions(dockerfile()) if word == "WORKDIR"][-1]
+
+
+def base_image() -> str:
+    """The image the final stage is built FROM, its ARG default filled in."""
+    steps = instructions(dockerfile())
+    args = dict(a.split("=", 1) for word, a in steps if word == "ARG" and "=" in a)
+    image = [a.split()[0] for word, a in steps if word == "FROM"][-1]
+    return re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], image)
+
+
+def runs_with(text: str) -> list[int]:
+    """Indices (into instructions()) of the RUN instructions whose command holds TEXT."""
+    return [i for i, (word, args) in enumerate(instructions(dockerfile())) if word == "RUN" and text in args]
 
 
 @cache
@@ -166,6 +189,11 @@ def ray_containers() -> list[tuple[str, dict]]:
             for where, t in templates(o) for c in t["spec"]["containers"]]
 
 
+def node_containers() -> list[tuple[str, dict]]:
+    """The containers Ray nodes run in: the head's and the workers'."""
+    return [(where, c) for where, c in ray_containers() if "submitter" not in where]
+
+
 def port(container: dict, name: str) -> int:
     return next(p["containerPort"] for p in container["ports"] if p["name"] == name)
 
@@ -208,6 +236,21 @@ def mlflow_container() -> dict:
     return containers(one("Deployment", "mlflow"))[0]
 
 
+def mounted_file(obj: dict, container: dict, path: str) -> str:
+    """The text of the file at PATH in the container, given by a ConfigMap volume of the pod."""
+    spec = templates(obj)[0][1]["spec"]
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == str(Path(path).parent))
+    volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+    return one("ConfigMap", volume["configMap"]["name"])["data"][Path(path).name]
+
+
+def mlflow_auth_ini() -> configparser.ConfigParser:
+    ini = configparser.ConfigParser()
+    ini.read_string(mounted_file(one("Deployment", "mlflow"), mlflow_container(),
+                                 env(mlflow_container())["MLFLOW_AUTH_CONFIG_PATH"]["value"]))
+    return ini
+
+
 def postgres_container() -> dict:
     return containers(one("StatefulSet", "postgres"))[0]
 
@@ -247,6 +290,47 @@ def test_image_bakes_in_no_secret_and_copies_what_the_jobs_need():
                 assert not SECRET_LIKE.search(name), f"{word} {name}: credentials come from the pod's Secrets"
     copies = [args.split() for word, args in instructions(dockerfile()) if word == "COPY" and "--from" not in args]
     assert ["jobs", "jobs"] in copies and workdir() == "/app", "the RayJob's --config is read from /app/jobs"
+
+
+def test_image_runs_a_released_python_of_the_projects_version_and_a_current_pip():
+    """The official Python image of the minor version the suite runs on (a CUDA base's distribution
+    Python can be a release candidate: Ubuntu 22.04's python3.11), its pip upgraded before any install."""
+    match = re.fullmatch(r"python:(\d+)\.(\d+)(\.\d+)?-slim-\w+", base_image())
+    assert match, f"FROM {base_image()}: an official python:X.Y[.Z]-slim-<debian> image"
+    assert (int(match.group(1)), int(match.group(2))) == sys.version_info[:2]
+    assert not any(re.search(r"apt-get install.*\bpython3", args) for word, args in instructions(dockerfile())
+                   if word == "RUN"), "Python comes from the base image, not the distribution"
+    (upgrade,) = runs_with('pip install "pip==')
+    assert upgrade < min(runs_with("pip install")[1:]), "pip is upgraded before anything else is installed"
+    assert int(re.search(r'"pip==(\d+)', instructions(dockerfile())[upgrade][1]).group(1)) >= 24
+
+
+def test_image_shows_no_gpu_to_pods_that_ask_for_none():
+    """A CUDA base sets NVIDIA_VISIBLE_DEVICES=all, and the NVIDIA runtime then hands every GPU of a node to
+    the head, MLflow and the submitter. Without it only the device plugin's pods get GPUs, and with
+    `compute` the CUDA torch's wheels need from the driver."""
+    assert not base_image().startswith("nvidia/")
+    image_env = dict(kv.split("=", 1) for word, args in instructions(dockerfile()) if word == "ENV"
+                     for kv in shlex.split(args))
+    assert "NVIDIA_VISIBLE_DEVICES" not in image_env
+    assert "compute" in image_env["NVIDIA_DRIVER_CAPABILITIES"].split(",")
+
+
+def test_dependencies_install_before_the_sources_are_copied():
+    """A code change rebuilds only the layers from the first source COPY on: every dependency is in a layer
+    above it, read from pyproject.toml by the Dockerfile's own command, and the package installs without."""
+    steps = instructions(dockerfile())
+    first_source = min(i for i, (word, args) in enumerate(steps)
+                       if word == "COPY" and args.split()[0] in ("gen_models", "pipelines", "jobs"))
+    (deps,) = runs_with("-r /tmp/requirements.txt")
+    assert deps < first_source
+    command = shlex.split(steps[deps][1].split(">")[0])  # python -c "...": what writes the requirements
+    assert command[:2] == ["python", "-c"]
+    listed = subprocess.run([sys.executable, "-c", command[2]], cwd=ROOT, capture_output=True, text=True,
+                            check=True).stdout.splitlines()
+    assert listed == project()["dependencies"]
+    (package,) = [args for word, args in steps if word == "RUN" and re.search(r"pip install [-\w ]*\.( |$)", args)]
+    assert "--no-deps" in package
 
 
 def dockerignored(path: str) -> bool:
@@ -345,6 +429,22 @@ def test_head_is_cpu_only_and_workers_have_gpus():
     assert workers() and all(gpus(g["template"]["spec"]["containers"][0]) >= 1 for g in workers())
 
 
+def test_head_offers_ray_no_cpu_and_no_gpu():
+    """Ray counts what a node can see: a head that is shown GPUs (a node whose default runtime is nvidia)
+    would offer Train GPUs that belong to worker pods. No CPUs either: Train workers and the prepare job
+    stay off the head and its GCS."""
+    params = raycluster()["spec"]["headGroupSpec"]["rayStartParams"]
+    assert (params["num-cpus"], params["num-gpus"]) == ("0", "0")
+
+
+@pytest.mark.parametrize("where, container", node_containers(), ids=param_id)
+def test_ray_lets_a_stopped_driver_outlast_its_stage_jobs_stop(where, container):
+    """Deleting a RayJob stops its driver: SIGTERM, then SIGKILL RAY_JOB_STOP_WAIT_TIME_S later (3 s by
+    default). The driver marks its runs KILLED first, then waits up to STOP_WAIT_S for its stage job:
+    all of that must fit. Every node has it: a job's stop is run where its driver is."""
+    assert int(env(container)["RAY_JOB_STOP_WAIT_TIME_S"]["value"]) >= STOP_WAIT_S + 10
+
+
 def test_dashboard_stays_inside_the_cluster():
     assert raycluster()["spec"]["headGroupSpec"].get("serviceType", "ClusterIP") == "ClusterIP"
     assert not raycluster()["spec"].get("enableIngress")
@@ -381,6 +481,38 @@ def test_rayjob_spec_loads_and_fits_the_cluster(family):
     assert spec.train.use_gpu and spec.train.num_workers <= capacity
     cpu = min(int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"]) for g in worker)
     assert spec.train.cpus_per_worker <= cpu
+    # Each stage job's driver: what it reserves fits a worker, and prepare's lands on one (the head offers
+    # no CPU), away from the GCS. The driver reads the cluster as remote, as the RayJob's --address makes it.
+    local = target(a.address)[1]
+    reserved = {stage: entrypoint_resources(spec, stage, local=local) for stage in stages_of(spec)}
+    assert all(r["num_cpus"] <= cpu and r["num_gpus"] <= 1 for r in reserved.values())
+    assert reserved["prepare"]["num_cpus"] > float(raycluster()["spec"]["headGroupSpec"]["rayStartParams"]["num-cpus"])
+    assert reserved["evaluate"]["num_gpus"] == 1
+
+
+def test_a_local_head_reserves_no_cpu_for_a_stage_job():
+    """A local head is one machine: a CPU a stage job's driver reserves is one Train's workers lack."""
+    spec = config.load(ROOT / "jobs" / "smoke.yaml", [])
+    assert target(None)[1] and target("http://127.0.0.1:8265")[1]
+    for stage in stages_of(spec):
+        assert entrypoint_resources(spec, stage, local=True)["num_cpus"] == 0, stage
+
+
+def test_finished_rayjobs_delete_themselves_and_leave_the_cluster():
+    """KubeRay >= 1.6's deletionRules: only DeleteSelf (DeleteCluster and DeleteWorkers are refused with
+    a clusterSelector, and the RayCluster stands for the next run), one status per condition, from the
+    values its CRD admits, every way a RayJob can end covered, and an hour at least to read its log."""
+    spec = rayjob()["spec"]
+    assert not spec.get("shutdownAfterJobFinishes") and "ttlSecondsAfterFinished" not in spec  # not with rules
+    rules = spec["deletionStrategy"]["deletionRules"]
+    ended = set()
+    for rule in rules:
+        assert rule["policy"] == "DeleteSelf", rule
+        (status, value), = [(k, v) for k, v in rule["condition"].items() if k != "ttlSeconds"]
+        assert value in {"jobStatus": {"SUCCEEDED", "FAILED"}, "jobDeploymentStatus": {"Failed"}}[status], rule
+        assert isinstance(rule["condition"]["ttlSeconds"], int) and rule["condition"]["ttlSeconds"] >= 3600, rule
+        ended.add(value)
+    assert ended == {"SUCCEEDED", "FAILED", "Failed"}
 
 
 # -- MLflow and PostgreSQL ---------------------------------------------------------------
@@ -415,6 +547,45 @@ def test_mlflow_stores_runs_in_postgres_and_artifacts_in_the_pipelines_bucket():
         assert secret_ref(env(mlflow_container())[name])["name"] == "genpipe-s3", name
 
 
+def test_postgres_creates_every_database_the_manifests_name():
+    """MLflow creates tables, never databases: each one a URI names is POSTGRES_DB or made by an init
+    script (run by the image when it initialises an empty volume)."""
+    named = {urlparse(args_of(mlflow_container())["backend-store-uri"]).path.lstrip("/"),
+             urlparse(mlflow_auth_ini()["mlflow"]["database_uri"]).path.lstrip("/")}
+    pg = one("StatefulSet", "postgres")
+    created = {env(postgres_container())["POSTGRES_DB"]["value"]}
+    mount = next(m for m in postgres_container()["volumeMounts"] if m["mountPath"] == "/docker-entrypoint-initdb.d")
+    volume = next(v for v in pg["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
+    for name, script in one("ConfigMap", volume["configMap"]["name"])["data"].items():
+        assert name.endswith(".sql"), name
+        created |= set(re.findall(r"CREATE DATABASE (\w+);", script))
+    assert named == {"mlflow", "mlflow_auth"} and named <= created, (named, created)
+
+
+def test_mlflow_runs_with_basic_auth_and_the_ray_pods_log_in(tmp_path, monkeypatch):
+    """The ini as MLflow's own reader reads it; the admin the server creates from the Secret is who the
+    Ray pods log in as, and the UI's session key comes from a Secret too."""
+    from mlflow.server.auth.config import read_auth_config
+
+    assert args_of(mlflow_container())["app-name"] == "basic-auth"
+    ini = tmp_path / "basic_auth.ini"
+    with open(ini, "w") as f:
+        mlflow_auth_ini().write(f)
+    monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", str(ini))
+    auth = read_auth_config()
+    db = urlparse(auth.database_uri)
+    assert db.scheme == "postgresql" and db.password is None, "libpq reads the password from PGPASSWORD"
+    assert (db.hostname, db.port) == (one("Service", "postgres")["metadata"]["name"],
+                                      one("Service", "postgres")["spec"]["ports"][0]["port"])
+    assert auth.default_permission == "READ"
+    server = env(mlflow_container())
+    assert secret_ref(server["MLFLOW_FLASK_SERVER_SECRET_KEY"])
+    for where, container in node_containers():  # the submitter only runs `ray job submit`
+        e = env(container)
+        assert secret_ref(e["MLFLOW_TRACKING_USERNAME"]) == secret_ref(server["MLFLOW_AUTH_ADMIN_USERNAME"]), where
+        assert secret_ref(e["MLFLOW_TRACKING_PASSWORD"]) == secret_ref(server["MLFLOW_AUTH_ADMIN_PASSWORD"]), where
+
+
 # -- NetworkPolicy -----------------------------------------------------------------------
 
 def test_namespace_denies_by_default():
@@ -438,7 +609,9 @@ def test_ray_pods_take_traffic_from_ray_pods_and_job_api_callers_only():
             assert "ipBlock" not in peer, peer
             if peer_admits(peer, ray[0]):
                 continue
-            assert peer_admits(peer, submitter) or peer["podSelector"] == {"matchLabels": OPERATOR_LABELS}, peer
+            operator = all(peer_admits(peer, pod) for pod in OPERATOR_POD_LABELS.values())
+            assert peer_admits(peer, submitter) or (operator and peer.get("namespaceSelector") == {}), peer
+            assert peer["podSelector"].get("matchLabels"), "an empty podSelector admits every pod"
             assert [p["port"] for p in rule["ports"]] == [dashboard], "others may reach the job API only"
             job_api_callers += 1
     assert job_api_callers == 2, "the RayJob submitter and the KubeRay operator must reach the job API"
