@@ -5,7 +5,11 @@ Margins measured over 5 seeds on CPU, against the thresholds asserted:
   vae, conv_vae (1000 steps): test ELBO (continuous Bernoulli, dequantised;
       see gen_models/vae/vae.py) ~53 nats/image over the untrained model's ~0
       (> 12), +9.6..10.2 over independent per-pixel continuous Bernoullis at
-      the training means (> 1; seed 0 only), IWAE-16 above the ELBO (> 0).
+      the training means (> 1; seed 0 only). IWAE-16 55..59 nats over the
+      untrained model's IWAE-16 (> 12), and 4.6..5.8 nats above the trained
+      ELBO, where the untrained model's is 0.02..0.52 above its own (> 1): a
+      decoder that uses z has a sharp posterior the Gaussian q only
+      approximates, and importance weighting recovers part of the difference.
   dcgan (600 steps): FID against the test split at 2.6..3.5 % of the untrained
       generator's (< 20 %), on the pipelines.metrics extractor (97.7 % accuracy).
 """
@@ -27,10 +31,11 @@ def test_vae_elbo_improves_on_test_digits(family, digits, one_thread):
     model = build(family, {"image_size": 8, "channels": 1})
     x_test = digits["x_test"]
     untrained = model.log_prob(x_test).mean().item()
+    untrained_iwae = model.log_prob(x_test, importance_samples=16).mean().item()
 
     fit(model, digits["x_train"], digits["y_train"], steps=1000)
     # Both bounds are estimates from random z; 8 draws of the ELBO keep its noise
-    # well under the ~0.3 nats by which 16 importance samples tighten it.
+    # well under the ~5 nats by which 16 importance samples tighten it.
     elbo = torch.stack([model.log_prob(x_test) for _ in range(8)]).mean().item()
     iwae = model.log_prob(x_test, importance_samples=16).mean().item()
 
@@ -45,7 +50,8 @@ def test_vae_elbo_improves_on_test_digits(family, digits, one_thread):
     # log_prob near 0 nats; a trained one reaches ~53.
     assert elbo > untrained + 12, (untrained, elbo)
     assert elbo > independent + 1.0, (independent, elbo)
-    assert iwae > elbo, (elbo, iwae)
+    assert iwae > untrained_iwae + 12, (untrained_iwae, iwae)
+    assert iwae > elbo + 1, (elbo, iwae)
 
 
 def test_dcgan_fid_falls_on_test_digits(digits, judge):

@@ -81,38 +81,33 @@ def test_extractor_takes_the_pipeline_image_sizes(channels, size):
     assert model.features(x).shape == (5, model.num_features) and model(x).shape == (5, 10)
 
 
-@pytest.fixture(scope="module")
-def digits_extractor():
-    raw = data.load_source("digits", None)
-    model, acc = metrics.train_extractor(raw.x_train, raw.y_train, num_classes=10, epochs=10, seed=0,
-                                         x_test=raw.x_test, y_test=raw.y_test)
-    return raw, model, acc
+# digits and digits_extractor (tests/unit/conftest.py): the learning tests' split and the extractor they judge with
 
 
 def test_extractor_learns_digits(digits_extractor):
-    _, _, acc = digits_extractor
+    _, acc = digits_extractor
     assert acc > 0.85
 
 
-def test_extractor_is_deterministic_and_round_trips(digits_extractor):
-    raw, model, _ = digits_extractor
-    twin, _ = metrics.train_extractor(raw.x_train, raw.y_train, num_classes=10, epochs=10, seed=0)
+def test_extractor_is_deterministic_and_round_trips(digits, digits_extractor):
+    model, _ = digits_extractor
+    twin, _ = metrics.train_extractor(digits["x_train_uint8"], digits["y_train"], num_classes=10, epochs=10, seed=0)
     assert metrics.extractor_hash(twin) == metrics.extractor_hash(model)
     loaded = metrics.load_extractor(metrics.save_extractor(model))
-    x = torch.from_numpy(raw.x_test).float() / 255
+    x = digits["x_test"]
     assert np.array_equal(metrics.extract(loaded, x)[1], metrics.extract(model, x)[1])
     assert metrics.extractor_hash(loaded) == metrics.extractor_hash(model)
     with pytest.raises(InvalidInput, match="corrupt"):
         metrics.load_extractor(metrics.save_extractor(model)[:-64])
 
 
-def test_fid_separates_data_from_noise(digits_extractor):
-    raw, model, _ = digits_extractor
-    f_train, _ = metrics.extract(model, torch.from_numpy(raw.x_train).float() / 255)
-    f_test, logits = metrics.extract(model, torch.from_numpy(raw.x_test).float() / 255)
-    noise = torch.rand(len(raw.x_test), 1, 8, 8, generator=torch.Generator().manual_seed(0))
+def test_fid_separates_data_from_noise(digits, digits_extractor):
+    model, _ = digits_extractor
+    f_train, _ = metrics.extract(model, digits["x_train"])
+    f_test, logits = metrics.extract(model, digits["x_test"])
+    noise = torch.rand(len(f_test), 1, 8, 8, generator=torch.Generator().manual_seed(0))
     f_noise, _ = metrics.extract(model, noise)
-    assert f_test.shape == (360, model.num_features) and f_test.dtype == np.float64
+    assert f_test.shape == (397, model.num_features) and f_test.dtype == np.float64
     assert metrics.fid_from_features(f_test, f_train) < 0.1 * metrics.fid_from_features(f_test, f_noise)
     assert metrics.kid(f_test, f_train, subsets=10)[0] < 0.1 * metrics.kid(f_test, f_noise, subsets=10)[0]
     # a classifier that learned its data is confident and spread over all 10 classes
@@ -156,11 +151,11 @@ def test_inception_needs_weights_in_the_spec():
         config.parse({"extractor": {"kind": "inception"}})
 
 
-def test_fid_agrees_with_torchmetrics_on_the_extractor_features(digits_extractor):
+def test_fid_agrees_with_torchmetrics_on_the_extractor_features(digits, digits_extractor):
     """An independent implementation, fed the same images through the same features."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    raw, model, _ = digits_extractor
+    model, _ = digits_extractor
 
     class Features(torch.nn.Module):
         num_features = model.num_features  # torchmetrics reads this instead of probing with a 299x299 image
@@ -168,7 +163,7 @@ def test_fid_agrees_with_torchmetrics_on_the_extractor_features(digits_extractor
         def forward(self, x):
             return model.features(x)
 
-    train, test = (torch.from_numpy(a).float() / 255 for a in (raw.x_train, raw.x_test))
+    train, test = digits["x_train"], digits["x_test"]
     tm = FrechetInceptionDistance(feature=Features(), normalize=True)
     tm.update(test, real=True)
     tm.update(train, real=False)
