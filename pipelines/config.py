@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import typing
 from pathlib import Path
@@ -24,14 +25,65 @@ class Section(BaseModel):
 
 
 class DataSpec(Section):
-    source: Literal["fashion_mnist", "mnist", "digits"] = "fashion_mnist"
-    """Dataset to prepare; `digits` (scikit-learn, 8x8) is the small one for tests."""
+    source: Literal["fashion_mnist", "mnist", "digits", "image_folder"] = "fashion_mnist"
+    """Dataset to prepare: a built-in set (`digits`, scikit-learn's 8x8, is the small one for tests), or
+    `image_folder`, your own images at `uri` (docs/data.md)."""
     root: str | None = None
-    """Directory with the raw files (torchvision layout); searched before the Debian package and a download."""
+    """Built-in sets: directory with the raw files (torchvision layout); searched before the Debian package
+    and a download."""
+    uri: str | None = None
+    """image_folder: a local directory, a .zip/.tar/.tar.gz/.tgz archive (local or s3://), or an
+    s3://bucket/prefix, of PNG, JPEG and WebP images in nested folders. A local path is made absolute
+    where the spec is read."""
+    labels: str | None = None
+    """image_folder: none (every image class 0), `subfolders` (the first-level folder names are the
+    classes), or a labels file (.csv or .json, file -> class): a path inside the source, or an absolute
+    path or s3:// URI."""
+    image_size: int | None = Field(None, ge=8, multiple_of=4)
+    """Height = width of the prepared images: the shorter side is resized to it, then the centre cropped;
+    smaller images are bad images, never upscaled. Required by image_folder; the built-in sets default to
+    their own (28, or 8 for digits)."""
+    channels: Literal[1, 3] | None = None
+    """1 (greyscale) or 3 (RGB); default 3 for image_folder and the built-in sets' own (1) otherwise."""
+    on_bad_image: Literal["error", "skip"] = "error"
+    """image_folder: a file that is not a readable PNG/JPEG/WebP, is smaller than image_size or has no
+    label stops prepare (exit 2, naming it), or is skipped and counted (manifest, MLflow)."""
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
-    """Share of the train split held out for validation."""
+    """Share of the train split held out for validation (image_folder: of all images, by path hash)."""
+    test_fraction: float = Field(0.1, gt=0, lt=0.5)
+    """image_folder: share of the images in the test split, chosen by a hash of each file's path (the
+    built-in sets have their own test split)."""
     shard_size: int = Field(10_000, ge=100)
     """Images per shard file."""
+
+    @field_validator("uri")
+    @classmethod
+    def _absolute(cls, uri: str | None) -> str | None:
+        # Made absolute where the spec is read (the user's working directory): the prepare job runs elsewhere.
+        if uri is None:
+            return None
+        if uri.startswith("s3://"):
+            return uri.rstrip("/")
+        if "://" in uri:
+            raise ValueError("only local paths and s3://bucket/prefix are supported")
+        return os.path.abspath(os.path.expanduser(uri))
+
+    @model_validator(mode="after")
+    def _fields_of_the_source(self) -> "DataSpec":
+        if self.source == "image_folder":
+            if not self.uri:
+                raise ValueError("source image_folder needs uri: a folder, a .zip/.tar/.tar.gz archive or an "
+                                 "s3:// prefix of images")
+            if self.image_size is None:
+                raise ValueError("source image_folder needs image_size (e.g. 32 or 64): every image is resized "
+                                 "and cropped to it")
+            if self.root is not None:
+                raise ValueError("root is for the built-in sets; image_folder reads uri")
+        else:
+            given = [k for k in ("uri", "labels") if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f"{given[0]} is for source image_folder, not {self.source}")
+        return self
 
 
 class ExtractorSpec(Section):
@@ -266,6 +318,14 @@ class PipelineSpec(Section):
     evaluate: EvaluateSpec = EvaluateSpec()
     registry: RegisterSpec = RegisterSpec()
     tune: TuneSpec = TuneSpec()
+
+    @model_validator(mode="after")
+    def _extractor_fits_the_data(self) -> "PipelineSpec":
+        # Caught here, at submission; data.labels that turn out to name one class are prepare's to refuse.
+        if self.data.source == "image_folder" and self.data.labels is None and self.extractor.kind == "classifier":
+            raise ValueError("extractor.kind classifier is fitted on labels and data.labels is none: set data.labels "
+                             "(subfolders or a labels file), or use extractor.kind inception with extractor.weights_uri")
+        return self
 
     @model_validator(mode="after")
     def _searchable(self) -> "PipelineSpec":

@@ -1,7 +1,10 @@
 """prepare, data half: a dataset source -> train/val/test shards + manifest.
 
-Shards are `.npz` files (x: uint8 NCHW, y: int64) written through `storage`,
-so the same code writes a local directory or an S3 prefix. The manifest
+Sources are the built-in sets (fashion_mnist, mnist, digits) and `image_folder`,
+the user's own images (see `images`). Shards are `.npz` files (x: uint8 NCHW,
+y: int64) written through `storage`, so the same code writes a local directory
+or an S3 prefix; a shard's name carries its content hash, so a new version of
+the data never overwrites the shards an older manifest points to. The manifest
 records each shard's SHA-256 and one content hash over all splits, the data
 version that training, evaluation and the registry carry along.
 """
@@ -12,18 +15,28 @@ import gzip
 import hashlib
 import io
 import json
+import logging
+import sys
+import time
 import zipfile
 import zlib
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from pipelines import storage
+from pipelines import images, storage
 from pipelines.errors import InvalidInput
 
-SOURCES = ("fashion_mnist", "mnist", "digits")
+if TYPE_CHECKING:
+    from pipelines.config import DataSpec
+
+SOURCES = ("fashion_mnist", "mnist", "digits")  # the built-in sets; image_folder is the user's own
 SPLITS = ("train", "val", "test")
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -45,6 +58,7 @@ class RawData:
     x_test: np.ndarray
     y_test: np.ndarray
     num_classes: int
+    origin: str = ""  # where the set was read from: the lineage's source URI
 
 
 # -----------------------------------------------------------------------------
@@ -64,13 +78,13 @@ def load_source(source: str, root: str | None) -> RawData:
     for d in dirs:
         files = _idx_files(d)
         if files is not None:
-            return _from_idx(files)
+            return _from_idx(files, d)
     tried = ", ".join(str(d) for d in dirs) or "nowhere (no root given, and no system copy of this source)"
     if root is not None:
         _download(source, root, tried)
         files = _idx_files(dirs[0])
         if files is not None:
-            return _from_idx(files)
+            return _from_idx(files, dirs[0])
     raise InvalidInput(f"{source}: idx files ({', '.join(IDX_FILES.values())}, optionally .gz) not found in {tried}")
 
 
@@ -117,7 +131,7 @@ def _read_idx(path: Path) -> np.ndarray:
     return data.reshape(shape).copy()  # frombuffer views immutable bytes; callers get ordinary writable arrays
 
 
-def _from_idx(files: dict[str, Path]) -> RawData:
+def _from_idx(files: dict[str, Path], where: Path) -> RawData:
     a = {key: _read_idx(path) for key, path in files.items()}
     for split in ("train", "test"):
         x, y = a[f"x_{split}"], a[f"y_{split}"]
@@ -126,7 +140,7 @@ def _from_idx(files: dict[str, Path]) -> RawData:
     return RawData(
         x_train=a["x_train"][:, None], y_train=a["y_train"].astype(np.int64),
         x_test=a["x_test"][:, None], y_test=a["y_test"].astype(np.int64),
-        num_classes=10,
+        num_classes=10, origin=str(where.absolute()),
     )
 
 
@@ -140,7 +154,30 @@ def _digits() -> RawData:
     perm = np.random.default_rng(0).permutation(len(x))
     n_train = int(0.8 * len(x))
     tr, te = perm[:n_train], perm[n_train:]
-    return RawData(x_train=x[tr], y_train=y[tr], x_test=x[te], y_test=y[te], num_classes=10)
+    return RawData(x_train=x[tr], y_train=y[tr], x_test=x[te], y_test=y[te], num_classes=10,
+                   origin="sklearn.datasets.load_digits")
+
+
+def convert(raw: RawData, name: str, image_size: int | None, channels: int | None) -> RawData:
+    """A built-in set at data.image_size x data.channels, through the same conversion as an image folder
+    (None: the set's own). Its images are never upscaled either."""
+    c, size = raw.x_train.shape[1], raw.x_train.shape[-1]
+    image_size, channels = image_size or size, channels or c
+    if (image_size, channels) == (size, c):
+        return raw
+    if image_size > size:
+        raise InvalidInput(f"{name} images are {size}x{size}, smaller than data.image_size {image_size} "
+                           "(images are never upscaled)")
+    from PIL import Image
+
+    def each(x: np.ndarray) -> np.ndarray:
+        out = np.empty((len(x), channels, image_size, image_size), np.uint8)
+        for i, im in enumerate(x):
+            out[i] = images.to_array(Image.fromarray(im[0], "L"), image_size, channels)
+        return out
+
+    return RawData(x_train=each(raw.x_train), y_train=raw.y_train, x_test=each(raw.x_test), y_test=raw.y_test,
+                   num_classes=raw.num_classes, origin=raw.origin)
 
 
 # -----------------------------------------------------------------------------
@@ -190,16 +227,201 @@ def split_and_shard(raw: RawData, *, val_fraction: float, seed: int, shard_size:
         h.update(f"{split}:{len(x)}".encode())
         h.update(np.ascontiguousarray(x).tobytes())
         h.update(y.astype("<i8").tobytes())
-        shards = []
-        for i, lo in enumerate(range(0, len(x), shard_size)):
-            x_shard, y_shard = x[lo:lo + shard_size], y[lo:lo + shard_size]
-            blob = npz_bytes({"x": x_shard, "y": y_shard.astype(np.int64)})
-            uri = storage.join(out_uri, f"{split}-{i:05d}.npz")
-            storage.write_bytes(uri, blob)
-            shards.append({"uri": uri, "sha256": storage.sha256(blob), "count": len(x_shard)})
-        manifest["splits"][split] = {"count": len(x), "shards": shards}
+        writer = SplitWriter(out_uri, split, shard_size)
+        writer.add(x, y)
+        manifest["splits"][split] = writer.close()
     manifest["data_hash"] = h.hexdigest()
     return manifest
+
+
+class SplitWriter:
+    """One split's shards, written as its images arrive in order: each full shard as soon as it is."""
+
+    def __init__(self, out_uri: str, split: str, shard_size: int):
+        self.out_uri, self.split, self.shard_size = out_uri, split, shard_size
+        self.xs: list[np.ndarray] = []
+        self.ys: list[np.ndarray] = []
+        self.buffered = self.count = 0
+        self.shards: list[dict] = []
+
+    def add(self, x: np.ndarray, y: np.ndarray) -> None:
+        self.xs.append(x)
+        self.ys.append(y.astype(np.int64))
+        self.buffered += len(x)
+        self.count += len(x)
+        while self.buffered >= self.shard_size:
+            self._flush(self.shard_size)
+
+    def _flush(self, n: int) -> None:
+        x, y = np.concatenate(self.xs), np.concatenate(self.ys)
+        self.xs, self.ys, self.buffered = [x[n:]], [y[n:]], len(x) - n
+        blob = npz_bytes({"x": x[:n], "y": y[:n]})
+        sha = storage.sha256(blob)
+        uri = storage.join(self.out_uri, f"{self.split}-{len(self.shards):05d}-{sha[:12]}.npz")
+        storage.write_bytes(uri, blob)
+        self.shards.append({"uri": uri, "sha256": sha, "count": n})
+
+    def close(self) -> dict:
+        if self.buffered:
+            self._flush(self.buffered)
+        return {"count": self.count, "shards": self.shards}
+
+
+# -----------------------------------------------------------------------------
+# prepare: any source -> shards + manifest
+
+DECODE_BATCH = 64  # files per Ray task: a few hundred milliseconds of decoding, against ~1 ms of overhead
+
+
+def prepare(d: DataSpec, *, seed: int, out_uri: str, parallel: bool = True) -> dict:
+    """The source `d` names, split, converted and sharded under `out_uri`: the manifest. Its `source`
+    entry says where the images came from and, for an image folder, what was skipped.
+    `parallel`: decode an image folder in Ray tasks on the cluster this process is connected to."""
+    if d.source == "image_folder":
+        return _image_folder(d, out_uri, parallel)
+    raw = convert(load_source(d.source, d.root), d.source, d.image_size, d.channels)
+    print(f"sharding {d.source}: {len(raw.x_train)} train, {len(raw.x_test)} test images -> {out_uri}", flush=True)
+    manifest = split_and_shard(raw, val_fraction=d.val_fraction, seed=seed, shard_size=d.shard_size, out_uri=out_uri)
+    return manifest | {"source": {"kind": d.source, "uri": raw.origin, "labels": "built-in", "classes": None}}
+
+
+def _image_folder(d: DataSpec, out_uri: str, parallel: bool) -> dict:
+    size, channels = d.image_size, d.channels or 3
+    with images.open_source(d.uri) as source:
+        labels, classes = images.read_labels(source, d.labels)
+        bad: list[str] = []
+
+        def reject(name: str, why: str) -> None:
+            if d.on_bad_image == "error":
+                raise InvalidInput(f"{source.where(name)} {why} (data.on_bad_image: skip would skip it)")
+            bad.append(f"{source.where(name)} {why}")
+
+        usable = []
+        for name, label in labels.items():  # in sorted order: the first offending path is the first listed
+            if not name.lower().endswith(images.IMAGE_SUFFIXES):
+                reject(name, "is not a PNG, JPEG or WebP file")
+            elif label is None:
+                reject(name, "has no label" + (" (it is in no class folder)" if d.labels == "subfolders"
+                                               else f" in {d.labels}"))
+            else:
+                usable.append(name)
+        split = {n: images.split_of(n, val_fraction=d.val_fraction, test_fraction=d.test_fraction) for n in usable}
+        for s in SPLITS:
+            if s not in split.values():
+                raise InvalidInput(f"data.uri {d.uri}: none of its {len(usable)} images falls in the {s} split "
+                                   "(each image's split comes from a hash of its path): add images")
+        order = images.ordered(usable)
+        writers = {s: SplitWriter(out_uri, s, d.shard_size) for s in SPLITS}
+        x_hash, y_hash = {s: hashlib.sha256() for s in SPLITS}, {s: hashlib.sha256() for s in SPLITS}
+        batches = [order[i:i + DECODE_BATCH] for i in range(0, len(order), DECODE_BATCH)]
+        progress = _Progress(len(order), f"decoding {len(order)} images from {d.uri} at {size}x{size}x{channels}")
+        with ThreadPoolExecutor(16, thread_name_prefix="read") as pool:
+            files = (images.read_many(source, names, pool) for names in batches)
+            for names, decoded in zip(batches, _decode_in_order(files, size, channels, parallel)):
+                ok: dict[str, tuple[list, list]] = {s: ([], []) for s in SPLITS}
+                for name, a in zip(names, decoded):
+                    if isinstance(a, str):
+                        reject(name, a)
+                    else:
+                        ok[split[name]][0].append(a)
+                        ok[split[name]][1].append(labels[name])
+                for s, (xs, ys) in ok.items():
+                    if xs:
+                        x, y = np.stack(xs), np.array(ys, np.int64)
+                        x_hash[s].update(x.tobytes())
+                        y_hash[s].update(y.astype("<i8").tobytes())
+                        writers[s].add(x, y)
+                progress.update(len(names), len(bad))
+    if bad:
+        print(f"bad files skipped (data.on_bad_image: skip): {len(bad)}; the first: {bad[0]}", file=sys.stderr,
+              flush=True)
+    splits = {s: w.close() for s, w in writers.items()}
+    empty = [s for s in SPLITS if not splits[s]["count"]]
+    if empty:
+        raise InvalidInput(f"data.uri {d.uri}: the {empty[0]} split has no usable image left "
+                           f"({len(bad)} skipped as bad; the first: {bad[0] if bad else '-'})")
+    num_classes = len(classes) if classes else 1  # unlabeled: every image is class 0
+    # The data version: the pixels and labels of each split in order (each file's split and place come
+    # from its path), and what the labels' indices name; not listing order, mtimes or where the source is.
+    h = hashlib.sha256(json.dumps({"shape": [channels, size, size], "num_classes": num_classes,
+                                   "classes": classes}).encode())
+    for s in SPLITS:
+        h.update(f"{s}:{splits[s]['count']}".encode())
+        h.update(x_hash[s].digest())
+        h.update(y_hash[s].digest())
+    return {"shape": [channels, size, size], "num_classes": num_classes, "splits": splits,
+            "data_hash": h.hexdigest(),
+            "source": {"kind": "image_folder", "uri": d.uri, "labels": d.labels, "classes": classes,
+                       "files": len(labels), "bad": len(bad), "bad_first": bad[:20]}}
+
+
+def lineage(manifest: dict):
+    """The MLflow dataset entity of a prepared manifest: the source URI (where the images came from, not
+    the shards), the data version as digest, and a profile with the counts, size and channels that
+    `genpipe models show` prints."""
+    from mlflow.entities import Dataset
+
+    src = manifest["source"]
+    uri = src["uri"]
+    kind = "s3" if storage.is_s3(uri) else "local" if uri.startswith("/") else "code"  # code: sklearn's digits
+    c, size, _ = manifest["shape"]
+    profile = {"images": sum(s["count"] for s in manifest["splits"].values()),
+               "splits": {k: s["count"] for k, s in manifest["splits"].items()},
+               "image_size": size, "channels": c, "num_classes": manifest["num_classes"],
+               "labels": src["labels"], **({"bad_images_skipped": src["bad"]} if "bad" in src else {})}
+    name = src["kind"] if src["kind"] != "image_folder" else f"image_folder:{uri.rstrip('/').rsplit('/', 1)[-1]}"
+    return Dataset(name=name, digest=manifest["data_hash"][:32], source_type=kind, source=json.dumps({"uri": uri}),
+                   profile=json.dumps(profile))
+
+
+def _decode_in_order(files: Iterable[list[bytes | str]], size: int, channels: int,
+                     parallel: bool) -> Iterator[list[np.ndarray | str]]:
+    """decode_batch over the batches, results in the batches' order. In parallel: one Ray task per batch,
+    at most two per cluster CPU in flight, so the driver holds a bounded window of files and pixels."""
+    if not parallel:
+        yield from (images.decode_batch(f, size, channels) for f in files)
+        return
+    import ray
+
+    # A stage job's process connects to the cluster it runs on; Ray's own INFO lines would bury the progress.
+    ray.init(log_to_driver=False, logging_level=logging.WARNING, ignore_reinit_error=True)
+    if ray.available_resources().get("CPU", 0) < 1:
+        # Tasks would wait for a CPU, and the one this job's driver holds may be the cluster's last.
+        print("no free CPU in the cluster: decoding in this process", file=sys.stderr, flush=True)
+        yield from _decode_in_order(files, size, channels, parallel=False)
+        return
+    task = ray.remote(num_cpus=1)(images.decode_batch)
+    window = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+    pending: deque = deque()
+    try:
+        for batch in files:
+            pending.append(task.remote(batch, size, channels))
+            if len(pending) >= window:
+                yield ray.get(pending.popleft())
+        while pending:
+            yield ray.get(pending.popleft())
+    finally:
+        for ref in pending:  # a bad image stopped the run: the rest is not needed
+            ray.cancel(ref)
+
+
+class _Progress:
+    """A line on stderr at every tenth of the work and at least every 10 s: a progress bar that reads
+    well in a Ray job's log."""
+
+    def __init__(self, total: int, what: str):
+        self.total, self.done, self.t0 = total, 0, time.perf_counter()
+        self.shown_at, self.shown_tenth = self.t0, 0
+        print(what, file=sys.stderr, flush=True)
+
+    def update(self, n: int, bad: int) -> None:
+        self.done += n
+        now, tenth = time.perf_counter(), 10 * self.done // max(self.total, 1)
+        if tenth > self.shown_tenth or now - self.shown_at >= 10:
+            self.shown_at, self.shown_tenth = now, tenth
+            rate = self.done / max(now - self.t0, 1e-9)
+            print(f"  {self.done}/{self.total} images ({100 * self.done // max(self.total, 1)}%), {rate:.0f}/s"
+                  f"{f', {bad} bad' if bad else ''}", file=sys.stderr, flush=True)
 
 
 def load_split(manifest: dict, split: str, *, rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

@@ -93,12 +93,40 @@ def cmd_show(a: argparse.Namespace) -> int:
           f"config {t.get('config_hash', '?')}; code {t.get('code_version', '?')}")
     print(f"scored by extractor {t.get('extractor_hash', '?')[:16]}, reference statistics "
           f"{t.get('reference_hash', '?')[:16]}, {t.get('eval_num_samples', '?')} samples ({t.get('sampler', '?')})")
+    for line in _dataset_lines(c, lineage.get("prepare")):
+        print(line)
     print(_table([("metric", "value"), *metrics]))
     print("lineage (MLflow runs):")
     print(_table([(f"  {stage}", rid) for stage, rid in lineage.items()]))
     print()
     print(mv.description or "(no model card)")
     return 0
+
+
+def _dataset_lines(c, prepare_run: str | None) -> list[str]:
+    """The prepare run's MLflow dataset input: where the images came from, the data version, what they are."""
+    import json
+
+    from mlflow.exceptions import MlflowException
+
+    if not prepare_run:
+        return ["dataset: - (no prepare run in the lineage)"]
+    try:
+        inputs = c.get_run(prepare_run).inputs.dataset_inputs
+    except MlflowException as e:
+        return [f"dataset: - (prepare run {prepare_run}: {str(e).splitlines()[0]})"]
+    lines = []
+    for di in inputs:
+        ds = di.dataset
+        uri = json.loads(ds.source or "{}").get("uri", ds.source)
+        p = json.loads(ds.profile or "{}")
+        splits = ", ".join(f"{k} {v}" for k, v in p.get("splits", {}).items())
+        shape = f"{p.get('image_size', '?')}x{p.get('image_size', '?')}x{p.get('channels', '?')}"
+        labels = f"{p.get('num_classes', '?')} classes ({p.get('labels') or 'unlabeled'})"
+        skipped = f", bad files skipped: {p['bad_images_skipped']}" if p.get("bad_images_skipped") else ""
+        lines.append(f"dataset {ds.name}: {uri} ({ds.source_type}), digest {ds.digest}")
+        lines.append(f"  {p.get('images', '?')} images ({splits}), {shape}, {labels}{skipped}")
+    return lines or ["dataset: - (the prepare run logged none)"]
 
 
 def cmd_compare(a: argparse.Namespace) -> int:

@@ -29,6 +29,7 @@ def _one_clear_line(r, *needles: str) -> None:
     ("model.z_dimm=3", ("unknown key 'z_dimm'", "z_dim")),
     ("train.batch_size=7", ("not divisible",)),
     ("storage=ftp://host/x", ("only local paths and s3://",)),
+    ("data.source=image_folder", ("source image_folder needs uri",)),
 ])
 def test_bad_spec_exits_2_with_one_line(home, override, needles):
     _one_clear_line(genpipe(home, "pipeline", "--config", "jobs/smoke.yaml", "--set", override), *needles)
@@ -44,9 +45,13 @@ def test_unreachable_ray_address(home):
 
 
 def test_missing_data_root(home, tmp_path):
+    # An empty root that nothing can be fetched into, whatever the network: it lies under a file, so the
+    # download fails on its first mkdir, before a single request goes out.
+    (tmp_path / "a-file").touch()
+    root = tmp_path / "a-file" / "mnist"
     r = genpipe(home, "prepare", "--config", "jobs/smoke.yaml", "--set", "name=bad-data",
-                "--set", "data.source=mnist", "--set", f"data.root={tmp_path / 'empty'}")
-    _one_clear_line(r, "prepare:")
+                "--set", "data.source=mnist", "--set", f"data.root={root}")
+    _one_clear_line(r, "prepare: mnist: no idx files in ", f"the download into {root}/MNIST/raw failed: ")
 
 
 def _digest(root: Path) -> dict[str, str]:

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from pipelines import data, storage
+from pipelines.config import DataSpec
 from pipelines.errors import InvalidInput
+from tests.imagesets import fashion_pngs
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +39,38 @@ def test_split_is_deterministic_and_location_free(digits, tmp_path):
     assert a["shape"] == [1, 8, 8] and a["num_classes"] == 10
     assert {k: v["count"] for k, v in a["splits"].items()} == {"train": 1293, "val": 144, "test": 360}
     assert [s["count"] for s in a["splits"]["train"]["shards"]] == [500, 500, 293]
+
+
+def test_builtin_sets_keep_their_data_version(tmp_path):
+    # the data hash digits had before image folders and content-named shards came; fashion_mnist's was
+    # 208fd1500d9220be... then and is checked the same way when its Debian package is there
+    m = data.prepare(DataSpec(source="digits"), seed=0, out_uri=str(tmp_path))
+    assert m["data_hash"] == "f9d0a2e69f54fc4f8a89ef2ee4217c51fde7ec1d0c40604c8adf2847ab29853e"
+    assert m["source"] == {"kind": "digits", "uri": "sklearn.datasets.load_digits", "labels": "built-in",
+                           "classes": None}
+    # the size and channels a spec asks for go through the image folder's conversion
+    rgb = data.prepare(DataSpec(source="digits", channels=3), seed=0, out_uri=str(tmp_path / "rgb"))
+    x1, x3 = data.load_split(m, "test")[0], data.load_split(rgb, "test")[0]
+    assert rgb["shape"] == [3, 8, 8] and torch.equal(x3, x1.repeat(1, 3, 1, 1))
+    with pytest.raises(InvalidInput, match="digits images are 8x8, smaller than data.image_size 12"):
+        data.prepare(DataSpec(source="digits", image_size=12), seed=0, out_uri=str(tmp_path / "big"))
+
+
+@pytest.mark.skipif(not data.DEBIAN_FASHION_MNIST.is_dir(), reason="no Debian fashion-mnist package")
+@pytest.mark.parametrize("size, channels", [(28, 1), (20, 3)])
+def test_fashion_mnist_as_a_png_folder_gives_the_builtin_pixels(tmp_path, size, channels):
+    raw = data.load_source("fashion_mnist", None)
+    pick = np.concatenate([np.flatnonzero(raw.y_test == c)[:20] for c in range(10)])
+    folder = fashion_pngs(tmp_path / "pngs", raw.x_test[pick], raw.y_test[pick])
+    spec = DataSpec(source="image_folder", uri=str(folder), labels="subfolders", image_size=size, channels=channels)
+    m = data.prepare(spec, seed=0, out_uri=str(tmp_path / "out"), parallel=False)
+    got = [data.load_split(m, s) for s in data.SPLITS]
+    x, y = torch.cat([g[0] for g in got]).numpy(), torch.cat([g[1] for g in got]).numpy()
+    sub = data.RawData(x_train=raw.x_test[pick], y_train=raw.y_test[pick], x_test=raw.x_test[:0],
+                       y_test=raw.y_test[:0], num_classes=10)
+    want = data.convert(sub, "fashion_mnist", size, channels)
+    assert m["shape"] == [channels, size, size] and m["num_classes"] == 10
+    assert _rows(x, y) == _rows(want.x_train, want.y_train)
 
 
 def _rows(x: np.ndarray, y: np.ndarray) -> list[bytes]:
