@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import operator
 import tempfile
+from importlib.metadata import version
 from pathlib import Path
 
 from pipelines import checkpoints, storage
@@ -89,11 +90,19 @@ feature metrics compare only under the same data, extractor, reference statistic
     return card if len(card) <= CARD_LIMIT else card[:CARD_LIMIT - 20] + "\n```\n(truncated)\n"
 
 
+def pip_requirements(distributions: tuple[str, ...]) -> list[str]:
+    """`dist==version` of each, as installed here: the served model gets the versions it was registered with.
+    A local label (torch's `+cpu`) is dropped: the index a server installs from has the public version only."""
+    return [f"{d}=={version(d).split('+')[0]}" for d in distributions]
+
+
 def run(spec: PipelineSpec, prepared: dict, trained: dict, evaluated: dict, *, run_id: str, runs: dict[str, str],
         tracking_uri: str, code_version: str) -> dict:
     import mlflow
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
+
+    from pipelines import serving
 
     c = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     missed = check_gates(spec.registry.gates, evaluated["metrics"])
@@ -114,7 +123,8 @@ def run(spec: PipelineSpec, prepared: dict, trained: dict, evaluated: dict, *, r
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(SERVING_FILE), code_paths=[str(GEN_MODELS_DIR)],
                 artifacts={"weights": str(weights), "config": str(config)},
-                pip_requirements=["torch==2.14.1", "safetensors", "numpy", "pandas"])
+                signature=serving.signature(meta["config"]["channels"], meta["config"]["image_size"]),
+                input_example=serving.INPUT_EXAMPLE, pip_requirements=pip_requirements(serving.REQUIREMENTS))
             mlflow.log_artifact(str(grid))
     metric, mode = evaluated["primary_metric"]
     tags = {

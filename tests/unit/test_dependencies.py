@@ -1,0 +1,76 @@
+"""pyproject.toml declares what the code imports, and the registered model's pip requirements
+are the installed versions of what the served code imports, within pyproject's pins."""
+
+from __future__ import annotations
+
+import ast
+import sys
+import tomllib
+from functools import cache
+from importlib.metadata import packages_distributions, version
+from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+from pipelines import serving
+from pipelines.register import pip_requirements
+
+ROOT = Path(__file__).resolve().parents[2]
+OURS = ("gen_models", "pipelines", "tests", "benchmarks", "scripts")  # top-level packages of this repository
+
+
+def imported_distributions(*paths: Path) -> set[str]:
+    """The installed distributions (canonical names) whose modules these files import at any depth, ours excepted."""
+    provides = packages_distributions()
+    found = set()
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module]
+            else:
+                continue
+            for top in (n.split(".")[0] for n in names):
+                if top not in sys.stdlib_module_names and top not in OURS:
+                    # mlflow's modules come in three distributions: `mlflow` is the one a project names
+                    dists = provides[top]
+                    found.add(canonicalize_name(top if top in dists else dists[0]))
+    return found
+
+
+def sources(*dirs: str) -> list[Path]:
+    return [p for d in dirs for p in sorted((ROOT / d).rglob("*.py"))]
+
+
+@cache
+def declared(extra: str | None = None) -> dict[str, Requirement]:
+    """pyproject.toml's dependencies, or those of an extra."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    reqs = project["dependencies"] if extra is None else project["optional-dependencies"][extra]
+    return {canonicalize_name(r.name): r for r in map(Requirement, reqs)}
+
+
+def test_pyproject_declares_every_distribution_the_code_imports():
+    imported = imported_distributions(*sources("pipelines", "gen_models"))
+    assert {"numpy", "pandas", "pyarrow", "matplotlib", "torch", "mlflow"} <= imported  # the scan sees them
+    assert sorted(imported - set(declared())) == []
+
+
+def test_what_only_tests_import_is_a_dev_extra():
+    imported = imported_distributions(*sources("pipelines", "gen_models", "benchmarks"))
+    tests_only = imported_distributions(*sources("tests")) - imported
+    assert {"torchmetrics", "scipy", "pytest"} <= tests_only
+    assert sorted(tests_only & set(declared())) == []
+    assert sorted(tests_only - set(declared("dev"))) == []
+
+
+def test_served_model_requirements_are_the_installed_pins_pyproject_allows():
+    served = imported_distributions(ROOT / "pipelines" / "serving.py", *sources("gen_models"))
+    assert set(map(canonicalize_name, serving.REQUIREMENTS)) == served
+    for pin in map(Requirement, pip_requirements(serving.REQUIREMENTS)):
+        (spec,) = pin.specifier
+        assert spec.operator == "==" and spec.version == version(pin.name).split("+")[0], pin
+        assert pin.name in declared() and declared()[pin.name].specifier.contains(spec.version), \
+            f"{pin} is outside pyproject.toml's {declared().get(pin.name)}"
