@@ -45,17 +45,30 @@ def cmd_sample(a: argparse.Namespace) -> int:
         raise InvalidInput(f"--out {out}: must end in .png (a grid) or .npy (uint8 N,C,H,W)")
     if not out.parent.is_dir():
         raise InvalidInput(f"--out {out}: directory {out.parent} does not exist")
-    images = _load_pyfunc(a.model_uri).predict(
-        __import__("pandas").DataFrame([{"n": a.n, "seed": a.seed, "label": a.label}]))
+    if a.n < 1:
+        raise InvalidInput(f"-n {a.n}: the number of images must be at least 1")
+    import pandas as pd
+
+    from pipelines import sampling, serving
+
+    if not 0 <= a.seed <= serving.MAX_SEED:
+        raise InvalidInput(f"--seed {a.seed}: must be in [0, 2^63)")
+    pyfunc = _load_pyfunc(a.model_uri)
+    model = pyfunc.unwrap_python_model().model
+    if a.label is not None and (why := serving.label_error(model, a.label)):
+        raise InvalidInput(f"--label {a.label}: {why}")
+    label = {} if a.label is None else {"label": a.label}
+    images = sampling.draw(lambda n, seed: pyfunc.predict(pd.DataFrame([{"n": n, "seed": seed, **label}])),
+                           model, a.n, a.seed)
     if out.suffix == ".npy":
-        np.save(out, images)
+        sampling.write_npy(out, a.n, images)
     else:
         import torch
 
         from pipelines.evaluate import grid_png
 
-        out.write_bytes(grid_png(torch.from_numpy(images).float() / 255))
-    print(f"wrote {len(images)} samples to {out}", file=sys.stderr)
+        out.write_bytes(grid_png(torch.from_numpy(np.concatenate(list(images))).float() / 255))
+    print(f"wrote {a.n} samples to {out}", file=sys.stderr)
     return 0
 
 
@@ -71,6 +84,36 @@ def _load_pyfunc(uri: str):
         return mlflow.pyfunc.load_model(uri)
     except (MlflowException, OSError) as e:
         raise InvalidInput(f"cannot load {uri}: {str(e).splitlines()[0]}") from None
+
+
+def cmd_head_status(a: argparse.Namespace) -> int:
+    from pipelines import cluster
+    from pipelines.tracking import genpipe_home
+
+    url = cluster.local_head_url()
+    if url is None:
+        print(f"no local Ray head is up for GENPIPE_HOME={genpipe_home()}")
+        return 0
+    jobs = cluster.running_jobs(url)
+    print(f"local Ray head at {url} (GENPIPE_HOME={genpipe_home()}); "
+          f"{len(jobs)} job(s) running{': ' + ', '.join(jobs) if jobs else ''}")
+    return 0
+
+
+def cmd_head_stop(a: argparse.Namespace) -> int:
+    from pipelines import cluster
+    from pipelines.tracking import genpipe_home
+
+    url = cluster.local_head_url()
+    jobs = cluster.running_jobs(url) if url else []
+    if jobs and not a.force:
+        raise InvalidInput(f"the local Ray head at {url} is running {len(jobs)} job(s) ({', '.join(jobs)}); "
+                           "stopping it would fail them: wait for them, or pass --force")
+    if cluster.stop_local_head():
+        print(f"stopped the local Ray head{f' at {url}' if url else ''}", file=sys.stderr)
+    else:
+        print(f"no local Ray head to stop for GENPIPE_HOME={genpipe_home()}", file=sys.stderr)
+    return 0
 
 
 def cmd_ui(a: argparse.Namespace) -> int:
@@ -107,14 +150,21 @@ def parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("sample", help="draw samples from a registered model")
     sp.add_argument("model_uri", help="e.g. models:/NAME@champion or models:/NAME/3")
-    sp.add_argument("-n", type=int, default=64, help="number of images")
+    sp.add_argument("-n", type=int, default=64, help="number of images, any: drawn as several server-sized requests")
     sp.add_argument("--out", required=True, help="grid.png or samples.npy (uint8 N,C,H,W)")
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--label", type=int, default=None, help="class label, for conditional families")
+    sp.add_argument("--seed", type=int, default=0, help="in [0, 2^63); the same n and seed give the same images")
+    sp.add_argument("--label", type=int, default=None, help="class label, for conditional families only")
     sp.set_defaults(fn=cmd_sample)
 
     sp = sub.add_parser("models", help="the model registry")
     models.add_commands(sp.add_subparsers(dest="models_command", required=True))
+
+    sp = sub.add_parser("head", help="the local Ray head that pipelines on this GENPIPE_HOME share")
+    head = sp.add_subparsers(dest="head_command", required=True)
+    head.add_parser("status", help="whether it is up, where, and its running jobs").set_defaults(fn=cmd_head_status)
+    hp = head.add_parser("stop", help="stop it (refused while jobs run, unless --force)")
+    hp.add_argument("--force", action="store_true", help="stop it even though jobs are running on it")
+    hp.set_defaults(fn=cmd_head_stop)
 
     sp = sub.add_parser("ui", help="serve the MLflow UI on 127.0.0.1")
     sp.add_argument("--host", default="127.0.0.1")

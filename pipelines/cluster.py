@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 import uuid
@@ -20,10 +21,14 @@ from dataclasses import dataclass
 from typing import Callable
 from pathlib import Path
 
+from pipelines import storage
 from pipelines.errors import GateFailed, InvalidInput, StageFailed
-from pipelines.tracking import genpipe_home
+from pipelines.tracking import Terminated, file_lock, genpipe_home, kill_open_runs
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+# How long an interrupted driver waits for the stage job it stopped to end (infra/k8s gives Ray's
+# RAY_JOB_STOP_WAIT_TIME_S, the driver's own grace, more than this).
+STOP_WAIT_S = 10
 
 
 def _free_port() -> int:
@@ -40,6 +45,15 @@ def _alive(dashboard_url: str) -> bool:
         return getattr(e, "code", None) == 401
 
 
+def running_jobs(url: str) -> list[str]:
+    """The ids of the jobs not yet ended on the head at URL."""
+    os.environ.setdefault("RAY_AUTH_MODE", "token")  # read when Ray is imported: a local head has token auth
+    from ray.job_submission import JobSubmissionClient
+
+    return [j.submission_id or j.job_id for j in JobSubmissionClient(url).list_jobs()
+            if str(j.status.value) not in TERMINAL]
+
+
 def _state_file() -> Path:
     return genpipe_home() / "ray" / "head.json"
 
@@ -50,20 +64,32 @@ def ray_bin() -> str:
 
 
 def start_local_head(num_cpus: int | None = None, log=print) -> str:
-    """A head on 127.0.0.1 with token auth, reused across invocations; returns its dashboard URL."""
+    """A head on 127.0.0.1 with token auth, shared by every command on this GENPIPE_HOME; its dashboard URL.
+
+    Started once: commands that start together wait on a lock for the first to bring it up."""
+    with file_lock(_state_file().with_suffix(".lock")):
+        url = local_head_url()
+        if url:
+            return url
+        _ensure_token()
+        cpus = num_cpus or os.cpu_count() or 1
+        for attempt in range(3):  # a free port can be taken between probing it and Ray binding it
+            try:
+                return _start_head(cpus, log)
+            except StageFailed:
+                if attempt == 2:
+                    raise
+    raise AssertionError("unreachable")
+
+
+def local_head_url() -> str | None:
+    """The dashboard URL of this home's local head, when one is up."""
     state = _state_file()
     if state.exists():
         url = json.loads(state.read_text())["dashboard_url"]
         if _alive(url):
             return url
-    cpus = num_cpus or os.cpu_count() or 1
-    for attempt in range(3):  # a free port can be taken between probing it and Ray binding it
-        try:
-            return _start_head(cpus, log)
-        except StageFailed:
-            if attempt == 2:
-                raise
-    raise AssertionError("unreachable")
+    return None
 
 
 def _start_head(cpus: int, log) -> str:
@@ -91,7 +117,7 @@ def _start_head(cpus: int, log) -> str:
     # `--block` keeps `ray start` in the foreground of its own session: stopping this head
     # is then killing one process group, not `ray stop`, which stops every Ray on the machine.
     log_file = open(state.parent / "head.log", "ab")
-    proc = subprocess.Popen([*cmd, "--block"], env=env, stdout=log_file, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen([*_SIGINT_DEFAULT, *cmd, "--block"], env=env, stdout=log_file, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True)
     state.write_text(json.dumps({"dashboard_url": url, "gcs_address": f"127.0.0.1:{gcs_port}", "pid": proc.pid}))
     for _ in range(120):
@@ -103,15 +129,30 @@ def _start_head(cpus: int, log) -> str:
     raise StageFailed(f"the local Ray head did not answer at {url}")
 
 
-def stop_local_head() -> None:
-    """Stop the head this CLI started (only it: other Ray clusters on the machine keep running)."""
-    state = _state_file()
-    if not state.exists():
-        return
-    pid = json.loads(state.read_text()).get("pid")
-    state.unlink()
-    if not pid:
-        return
+# `ray start --block` stops its head on SIGINT, which is how stop_local_head stops it. A command started
+# in the background by a shell without job control, or under nohup, has SIGINT ignored, and a child
+# inherits that through exec: it would then shrug the SIGINT off. This puts it back to the default
+# before exec (preexec_fn would do it too, but is unsafe here: the head is started from a thread).
+_SIGINT_DEFAULT = [sys.executable, "-S", "-c",
+                   "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"]
+
+
+def stop_local_head() -> bool:
+    """Stop this home's local head (only it: other Ray clusters on the machine keep running).
+
+    False when there was none to stop."""
+    with file_lock(_state_file().with_suffix(".lock")):
+        state = _state_file()
+        if not state.exists():
+            return False
+        pid = json.loads(state.read_text()).get("pid")
+        state.unlink()
+        if pid:
+            _stop_group(pid)
+        return True
+
+
+def _stop_group(pid: int) -> None:
     # `ray start --block` shuts its processes down on SIGINT (in ~2 s); SIGTERM it ignores.
     for sig, wait in ((signal.SIGINT, 20), (signal.SIGKILL, 5)):
         try:
@@ -170,7 +211,6 @@ def resolve_address(address: str | None, log=print) -> tuple[str, bool]:
     url, local = target(address)
     if url is None:
         os.environ.setdefault("RAY_AUTH_MODE", "token")
-        _ensure_token()
         return start_local_head(log=log), True
     if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
         os.environ.setdefault("RAY_AUTH_MODE", "token")  # without it Ray's clients send no token at all
@@ -182,6 +222,27 @@ def _ensure_token() -> None:
         return
     if not (Path.home() / ".ray" / "auth_token").exists():
         subprocess.run([ray_bin(), "get-auth-token", "--generate"], capture_output=True)
+
+
+def _go_key(uri: str) -> str | None:
+    try:
+        return json.loads(storage.read_bytes(uri)).get("key")
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+@dataclass(frozen=True)
+class Ahead:
+    """A stage job to submit before its turn (see Cluster.prestart)."""
+
+    stage: str
+    args: list[str]  # its arguments known before the stage in front of it has finished
+    go_dir: str  # where its go file goes
+
+
+# How often the driver renews its lease on the go files of the jobs it submitted ahead of their turn.
+# stages.GO_ORPHANED_S, several times this, is how long such a job waits for a lease that stopped moving.
+LEASE_S = 5.0
 
 
 @dataclass
@@ -198,53 +259,135 @@ class Cluster:
             self.client = JobSubmissionClient(self.address)
         except Exception as e:
             raise InvalidInput(f"cannot reach the Ray job API at {self.address}: {str(e).splitlines()[0]}") from None
+        self.pending: dict[str, tuple[str, str]] = {}  # stage -> (job id, go file URI) of a job waiting its turn
+        self._go_lock = threading.Lock()  # a go file is written by the lease thread or by `run`, never both
+        self._lease: threading.Thread | None = None
 
-    def run(self, stage: str, args: list[str], *, key: str, env: dict[str, str], num_gpus: float = 0) -> None:
-        """Run `python -m pipelines.stages STAGE ARGS` as a job; print its log; raise on failure.
+    def run(self, stage: str, args: list[str], late_args: list[str], *, key: str, env: dict[str, str],
+            num_gpus: float = 0, num_cpus: float = 0, ahead: Ahead | None = None) -> None:
+        """Run `python -m pipelines.stages STAGE ARGS LATE_ARGS` as a job; print its log; raise on failure.
+
+        `num_gpus` and `num_cpus` are what the job's driver reserves; a driver that reserves nothing
+        runs on the head node. A job for this stage that `prestart` submitted is handed LATE_ARGS
+        instead, and `ahead` is the next stage's job, submitted once this one has started.
 
         `key` names what the job makes (the driver passes its manifest URI and stage key). A job with
         the same stage and key that is still running (its driver was killed, so nobody stopped it) is
         followed instead of submitting another: a second one would train the same run beside it.
         """
         metadata = {"genpipe_stage": stage, "genpipe_key": key}
-        job_id = self._running_job(metadata)
+        job_id = self._running_job(stage, key)
         earlier = job_id is not None
+        with self._go_lock:
+            waiting = self.pending.pop(stage, None) if earlier else self.pending.get(stage)
+        if earlier and waiting:
+            self._cancel(*waiting)  # submitted ahead for a stage that turns out to be running already
+            waiting = None
         # A new job's id is chosen before its submission, so a Ctrl-C or SIGTERM that lands while
         # the request is in flight still stops the job the head may have created.
-        job_id = job_id or f"genpipe-{stage}-{uuid.uuid4().hex[:8]}"
+        job_id = job_id or (waiting[0] if waiting else f"genpipe-{stage}-{uuid.uuid4().hex[:8]}")
         try:
             if earlier:
                 self.log(f"[{stage}] job {job_id} from an earlier call is still running: following it")
+            elif waiting:
+                with self._go_lock:  # so that no lease renewal overwrites the go
+                    storage.write_bytes(waiting[1], json.dumps({"key": key, "args": late_args}).encode())
+                    del self.pending[stage]
+                self.log(f"[{stage}] job {job_id}, submitted ahead of its turn, goes")
             else:
-                self._submit(stage, job_id, args, metadata, env=env, num_gpus=num_gpus)
+                self._submit(stage, job_id, [*args, *late_args], metadata, env=env, num_gpus=num_gpus,
+                             num_cpus=num_cpus)
+            if ahead is not None:
+                self.prestart(ahead, env=env)
             self._follow(stage, job_id)
         except (StageFailed, InvalidInput, GateFailed):
             raise  # the job has ended
-        except BaseException:
+        except BaseException as e:
             self.log(f"[{stage}] stopping job {job_id}")
-            try:
-                self.client.stop_job(job_id)
-                for _ in range(40):
-                    if str(self.client.get_job_status(job_id).value) in TERMINAL:
-                        break
-                    time.sleep(0.25)
-            except RuntimeError:
-                pass  # the head never had the job: interrupted before it was created
+            self._stop(job_id, interrupted=isinstance(e, (KeyboardInterrupt, Terminated)))
             raise
 
-    def _running_job(self, metadata: dict[str, str]) -> str | None:
+    def _stop(self, job_id: str, *, interrupted: bool) -> None:
+        """Stop the job and wait (up to STOP_WAIT_S) until the head says it has ended."""
+        try:
+            self.client.stop_job(job_id)
+            if interrupted:
+                # Before the wait, not after it: a job can take longer to end than Ray gives this driver
+                # between the SIGTERM of a stopped RayJob and its SIGKILL (RAY_JOB_STOP_WAIT_TIME_S).
+                kill_open_runs()
+            for _ in range(int(STOP_WAIT_S / 0.25)):
+                if str(self.client.get_job_status(job_id).value) in TERMINAL:
+                    return
+                time.sleep(0.25)
+        except RuntimeError:
+            pass  # the head never had the job: interrupted before it was created
+
+    def prestart(self, ahead: Ahead, *, env: dict[str, str]) -> None:
+        """Submit a stage's job before its turn, with the arguments known now.
+
+        It starts its interpreter and imports its modules while the stage in front of it runs, then waits
+        (stages.wait_for_go) until `run` writes the rest of its arguments (the MLflow run and key, known
+        only once that stage has finished) to its go file. Meanwhile a thread renews a lease in that
+        file, so that a job whose driver was killed ends instead of waiting forever. Only for a job that
+        reserves nothing: one holding a GPU while it waits could hold the GPU the stage in front needs.
+        """
+        job_id = f"genpipe-{ahead.stage}-{uuid.uuid4().hex[:8]}"
+        go = storage.join(ahead.go_dir, f"go-{job_id}.json")
+        storage.write_bytes(go, json.dumps({"lease": 0}).encode())
+        with self._go_lock:
+            self.pending[ahead.stage] = (job_id, go)
+        self._submit(ahead.stage, job_id, [*ahead.args, "--go", go], {"genpipe_stage": ahead.stage, "genpipe_go": go},
+                     env=env, num_gpus=0, num_cpus=0)
+        if self._lease is None:
+            self._lease = threading.Thread(target=self._renew_leases, name="go-lease", daemon=True)
+            self._lease.start()
+
+    def cancel_pending(self) -> None:
+        """Stop the jobs still waiting for their turn (the pipeline ended before it): they never started work."""
+        with self._go_lock:
+            waiting, self.pending = list(self.pending.values()), {}
+        for job_id, go in waiting:
+            self._cancel(job_id, go)
+
+    def _cancel(self, job_id: str, go: str) -> None:
+        try:
+            self.client.stop_job(job_id)
+        except RuntimeError:
+            pass  # interrupted before the head had it
+        storage.delete(go)
+
+    def _renew_leases(self) -> None:
+        n = 0
+        while True:
+            time.sleep(LEASE_S)
+            n += 1
+            with self._go_lock:
+                for _, go in self.pending.values():
+                    try:
+                        storage.write_bytes(go, json.dumps({"lease": n}).encode())
+                    except Exception as e:  # a storage hiccup: the next renewal, 5 s on, tries again
+                        self.log(f"could not renew the lease in {go}: {e}")
+
+    def _running_job(self, stage: str, key: str) -> str | None:
+        """A job still running that makes what `key` names: submitted for it, or handed it as its go."""
+        stage_dir = key.split("@")[0].rsplit("/", 1)[0]  # key: "{stage dir}/manifest.json@{stage key}"
         for job in self.client.list_jobs():
-            if str(job.status.value) not in TERMINAL and metadata.items() <= (job.metadata or {}).items():
+            meta = job.metadata or {}
+            if str(job.status.value) in TERMINAL or meta.get("genpipe_stage") != stage:
+                continue
+            go = meta.get("genpipe_go", "")
+            if meta.get("genpipe_key") == key or (go.startswith(f"{stage_dir}/") and _go_key(go) == key):
                 return job.submission_id
         return None
 
     def _submit(self, stage: str, job_id: str, args: list[str], metadata: dict[str, str], *, env: dict[str, str],
-                num_gpus: float) -> None:
+                num_gpus: float, num_cpus: float) -> None:
         entrypoint = " ".join(["python", "-m", "pipelines.stages", stage, *map(shlex.quote, args)])
         for attempt in range(60):
             try:
                 self.client.submit_job(entrypoint=entrypoint, submission_id=job_id, runtime_env={"env_vars": env},
-                                       metadata=metadata, entrypoint_num_gpus=num_gpus or None)
+                                       metadata=metadata, entrypoint_num_gpus=num_gpus or None,
+                                       entrypoint_num_cpus=num_cpus or None)
                 break
             except RuntimeError as e:  # a head that just started has no job agent for a few seconds
                 if "No available agent" not in str(e) or attempt == 59:

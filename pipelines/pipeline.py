@@ -16,8 +16,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
-from pipelines import storage, tracking
-from pipelines.cluster import Cluster, resolve_address
+from pipelines import images, storage, tracking
+from pipelines.cluster import Ahead, Cluster, resolve_address
 from pipelines.cluster import target as cluster_target
 from pipelines.config import PipelineSpec
 from pipelines.errors import InvalidInput
@@ -36,8 +36,22 @@ def stages_of(spec: PipelineSpec) -> tuple[str, ...]:
 def stage_key(spec: PipelineSpec, stage: str, previous_key: str, inputs: dict) -> str:
     """Key = hash(previous stage's key, this stage's spec sections, the data hash once known)."""
     data_hash = inputs.get("prepare", {}).get("data", {}).get("data_hash", "")
-    h = hashlib.sha256(f"{previous_key}|{spec.hash(*STAGE_SECTIONS[stage])}|{data_hash}".encode())
+    # The files of an image folder change under an unchanged spec: prepare's key follows them too.
+    source = images.fingerprint(spec.data.uri, spec.data.labels) if stage == "prepare" and spec.data.uri else ""
+    h = hashlib.sha256(f"{previous_key}|{spec.hash(*STAGE_SECTIONS[stage])}|{data_hash}{source}".encode())
     return h.hexdigest()[:16]
+
+
+def entrypoint_resources(spec: PipelineSpec, stage: str, *, local: bool) -> dict[str, float]:
+    """What a stage job's driver reserves (Cluster.run's num_gpus and num_cpus).
+
+    evaluate samples on a GPU when training used them. On a remote cluster prepare reserves one train
+    worker's CPUs: its driver decodes the data and fits the FID extractor, and a driver that reserves
+    nothing runs on the head, beside the GCS (infra/k8s gives the head no CPUs, so prepare lands on a
+    worker). A local head is one machine whose CPUs Train needs: nothing is reserved there.
+    """
+    return {"num_gpus": 1 if spec.train.use_gpu and stage == "evaluate" else 0,
+            "num_cpus": spec.train.cpus_per_worker if stage == "prepare" and not local else 0}
 
 
 def log(msg: str) -> None:
@@ -57,45 +71,74 @@ def run(spec: PipelineSpec, *, until: str = "register", address: str | None = No
         raise InvalidInput(
             f"cluster {given} is remote: its workers cannot see local storage {root!r} or tracking {uri!r}; "
             "set storage: s3://bucket/prefix and MLFLOW_TRACKING_URI=http://mlflow-server:5000")
-    # A local head takes about 10 s to come up: MLflow's import (2-4 s on the demo's machine), a new
-    # sqlite database (2 s) and the run tree are set up meanwhile.
-    pool = ThreadPoolExecutor(1, thread_name_prefix="ray-head")
-    head = pool.submit(resolve_address, given, log=echo)
-    pool.shutdown(wait=False)
     spec_uri = storage.join(root, spec.name, "specs", f"{spec.hash()}.json")
-    storage.write_bytes(spec_uri, json.dumps(spec.to_dict(), indent=2).encode())
-
+    storage.write_first(spec_uri, json.dumps(spec.to_dict(), indent=2).encode())
     env = {"MLFLOW_TRACKING_URI": uri, "GENPIPE_HOME": str(tracking.genpipe_home())}
     if os.environ.get("AWS_ENDPOINT_URL"):
         env["AWS_ENDPOINT_URL"] = os.environ["AWS_ENDPOINT_URL"]
+    todo = stages[:stages.index(until) + 1]
+    manifests = [storage.join(root, spec.name, stage, "manifest.json") for stage in todo]
 
-    c = tracking.client()
-    exp = tracking.experiment_id(c, spec.name, root)
-    parent = tracking.open_run(c, exp, name=spec.name, key=spec.hash())
-    runs, outputs, manifests = {"pipeline": parent}, {}, []
-    echo(f"pipeline {spec.name}: MLflow run {parent} at {uri}; storage {root}")
-    with tracking.sigterm_as_exception(), tracking.run_status(c, parent):
-        cluster = Cluster(head.result()[0], log=echo)
-        key = ""
-        for stage in stages[:stages.index(until) + 1]:
-            key = stage_key(spec, stage, key, outputs)
-            manifest_uri = storage.join(root, spec.name, stage, "manifest.json")
-            done = _read_manifest(manifest_uri)
-            if done and done["key"] == key:
-                echo(f"[{stage}] cached: {manifest_uri}")
-            else:
-                run_id = tracking.open_run(c, exp, name=f"{spec.name}/{stage}", key=key, parent_id=parent)
-                with tracking.run_status(c, run_id):
-                    cluster.run(stage, ["--spec", spec_uri, "--run-id", run_id, "--key", key, "--root", root,
-                                        *(["--resume"] if resume and stage == "tune" else []),
-                                        "--inputs", *manifests], key=f"{manifest_uri}@{key}", env=env,
-                                num_gpus=1 if spec.train.use_gpu and stage == "evaluate" else 0)
-                done = _read_manifest(manifest_uri)
-                if not done or done["key"] != key:
-                    raise RuntimeError(f"stage {stage} finished without writing {manifest_uri}")
-            runs[stage] = done["run_id"]
-            outputs[stage] = done["outputs"]
-            manifests.append(manifest_uri)
+    def args(i: int) -> list[str]:
+        """Stage i's arguments that are known before the stages in front of it have run."""
+        return ["--spec", spec_uri, "--root", root, *(["--resume"] if resume and todo[i] == "tune" else []),
+                "--inputs", *manifests[:i]]
+
+    def ahead(i: int) -> Ahead | None:
+        """Stage i's job, to submit before its turn (Cluster.prestart) when it reserves nothing."""
+        if i == len(todo) or any(entrypoint_resources(spec, todo[i], local=local).values()):
+            return None
+        return Ahead(todo[i], args(i), go_dir=storage.join(root, spec.name, todo[i]))
+
+    def connect() -> Cluster:
+        # On a local head the first stage that will run starts its interpreter and imports as soon as the
+        # head answers, while this thread's caller imports MLflow (2-4 s) and opens the run tree. A cluster
+        # named by --address gets no job before the tracking server has taken the credentials.
+        cluster = Cluster(resolve_address(given, log=echo)[0], log=echo)
+        first = ahead(_first_to_run(spec, todo, manifests)) if given is None else None
+        if first is not None:
+            cluster.prestart(first, env=env)
+        return cluster
+
+    # A local head takes about 10 s to come up: MLflow's import, a new sqlite database and the run tree
+    # are set up meanwhile. A job it submits early and that is not needed after all (the pipeline fails
+    # first) is stopped, or ends when its lease stops moving (see Cluster.prestart).
+    pool = ThreadPoolExecutor(1, thread_name_prefix="ray-head")
+    head = pool.submit(connect)
+    pool.shutdown(wait=False)
+    try:
+        if given is not None:
+            head.result()  # a cluster named by --address must answer (and take the token) before any run exists
+        c = tracking.client()
+        exp = tracking.experiment_id(c, spec.name, root)
+        parent = tracking.open_run(c, exp, name=spec.name, key=spec.hash())
+        runs, outputs = {"pipeline": parent}, {}
+        echo(f"pipeline {spec.name}: MLflow run {parent} at {uri}; storage {root}")
+        with tracking.sigterm_as_exception(), tracking.run_status(c, parent):
+            cluster = head.result()
+            key = ""
+            for i, stage in enumerate(todo):
+                key = stage_key(spec, stage, key, outputs)
+                done = _read_manifest(manifests[i])
+                if done and done["key"] == key:
+                    echo(f"[{stage}] cached: {manifests[i]}")
+                else:
+                    run_id = tracking.open_run(c, exp, name=f"{spec.name}/{stage}", key=key, parent_id=parent)
+                    with tracking.run_status(c, run_id):
+                        cluster.run(stage, args(i), ["--run-id", run_id, "--key", key],
+                                    key=f"{manifests[i]}@{key}", env=env, ahead=ahead(i + 1),
+                                    **entrypoint_resources(spec, stage, local=local))
+                    done = _read_manifest(manifests[i])
+                    if not done or done["key"] != key:
+                        raise RuntimeError(f"stage {stage} finished without writing {manifests[i]}")
+                runs[stage] = done["run_id"]
+                outputs[stage] = done["outputs"]
+    finally:
+        if head.done() and head.exception() is None:
+            head.result().cancel_pending()
+    if given is None:
+        echo(f"the local Ray head at {cluster.address} stays up for the next command; "
+             "`genpipe head stop` stops it")
     result = {"pipeline": spec.name, "runs": runs}
     if "tune" in outputs:
         result["best"] = outputs["tune"]["best"]
@@ -104,6 +147,18 @@ def run(spec: PipelineSpec, *, until: str = "register", address: str | None = No
     if "register" in outputs:
         result |= {"model": outputs["register"]["model"], "version": outputs["register"]["version"]}
     return result
+
+
+def _first_to_run(spec: PipelineSpec, todo: tuple[str, ...], manifests: list[str]) -> int:
+    """The index of the first stage with no manifest for its key yet (len(todo) when every one has one)."""
+    key, outputs = "", {}
+    for i, stage in enumerate(todo):
+        key = stage_key(spec, stage, key, outputs)
+        done = _read_manifest(manifests[i])
+        if not done or done["key"] != key:
+            return i
+        outputs[stage] = done["outputs"]
+    return len(todo)
 
 
 def _read_manifest(uri: str) -> dict | None:

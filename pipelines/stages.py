@@ -47,8 +47,6 @@ def read_json(uri: str) -> dict:
 
 def prepare(spec: PipelineSpec, root: str, run_id: str, tracking_uri: str) -> dict:
     """Source -> shards (content-hashed); extractor and reference statistics once per data hash."""
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import DatasetInput, InputTag
     from mlflow.tracking import MlflowClient
 
@@ -56,14 +54,14 @@ def prepare(spec: PipelineSpec, root: str, run_id: str, tracking_uri: str) -> di
     from pipelines import metrics
 
     d = spec.data
-    raw = datasets.load_source(d.source, d.root)
     out = storage.join(root, "datasets", f"{d.source}-{spec.hash('data', 'seed')}")
-    print(f"sharding {d.source}: {len(raw.x_train)} train, {len(raw.x_test)} test images -> {out}", flush=True)
-    manifest = datasets.split_and_shard(raw, val_fraction=d.val_fraction, seed=spec.seed,
-                                        shard_size=d.shard_size, out_uri=out)
+    manifest = datasets.prepare(d, seed=spec.seed, out_uri=out)
     data_hash = manifest["data_hash"]
 
     e = spec.extractor
+    if e.kind == "classifier" and manifest["num_classes"] < 2:  # an image folder's labels name one class
+        raise InvalidInput(f"extractor.kind classifier is fitted on labels, and those of {d.uri} name one class: "
+                           "label at least two, or use extractor.kind inception with extractor.weights_uri")
     if e.kind == "inception":
         try:
             weights = storage.read_bytes(e.weights_uri)
@@ -103,8 +101,10 @@ def prepare(spec: PipelineSpec, root: str, run_id: str, tracking_uri: str) -> di
     if info["test_accuracy"] is not None:
         c.log_metric(run_id, "extractor/test_accuracy", info["test_accuracy"])
     c.set_tag(run_id, "genpipe.data_hash", data_hash)
-    ds = MetaDataset(source=resolve_dataset_source(out), name=f"{d.source}-train", digest=data_hash[:32])
-    c.log_inputs(run_id, [DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "training")])])
+    if "bad" in manifest["source"]:
+        c.log_metric(run_id, "data/bad_images_skipped", manifest["source"]["bad"])
+    c.log_inputs(run_id, [DatasetInput(datasets.lineage(manifest), tags=[
+        InputTag("mlflow.data.context", "training"), InputTag("genpipe.shards", out)])])
     return {"data": manifest,
             "extractor": {"uri": ext_uri, "sha256": info["extractor_sha256"], "test_accuracy": info["test_accuracy"]},
             "reference": {"uri": ref_uri, "sha256": info["reference_sha256"]}}
@@ -114,14 +114,24 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipelines.stages")
     p.add_argument("stage", choices=(*STAGES, "tune"))
     p.add_argument("--spec", required=True, help="URI of the resolved spec JSON")
-    p.add_argument("--run-id", required=True, help="MLflow run this stage logs into")
-    p.add_argument("--key", required=True, help="cache key recorded in the manifest")
+    p.add_argument("--run-id", help="MLflow run this stage logs into")
+    p.add_argument("--key", help="cache key recorded in the manifest")
     p.add_argument("--root", required=True, help="storage root")
     p.add_argument("--inputs", nargs="*", default=[], help="manifests of the earlier stages, in order")
     p.add_argument("--resume", action="store_true", help="tune: continue an interrupted search")
+    p.add_argument("--go", help="a job submitted ahead of its turn: the URI where the driver hands it the rest of "
+                                "its arguments (--run-id, --key) when the stage before it has finished")
+    argv = sys.argv[1:] if argv is None else argv
     a = p.parse_args(argv)
     try:
-        return _run(a)
+        for module in STAGE_MODULES[a.stage]:
+            importlib.import_module(module)
+        ready_at = time.time()
+        if a.go:
+            a = p.parse_args([*argv, *wait_for_go(a.go)])
+        if not (a.run_id and a.key):
+            p.error("--run-id and --key are required (or --go)")
+        return _run(a, ready_at=ready_at)
     except InvalidInput as e:
         print(f"genpipe: invalid input: {e}", file=sys.stderr, flush=True)
         return 2
@@ -148,12 +158,39 @@ STAGE_MODULES = {"prepare": ("mlflow.tracking", "pipelines.data", "pipelines.met
                  "register": ("mlflow", "mlflow.tracking", "pipelines.register")}
 
 
-def _run(a: argparse.Namespace) -> int:
+# How often a job that waits for its turn looks for its go file, and how long it waits for the driver's
+# lease on it to move before it decides the driver is gone (killed, so nobody will start or stop it).
+GO_POLL_S = 0.1
+GO_ORPHANED_S = 60.0
+
+
+def wait_for_go(uri: str) -> list[str]:
+    """Block until the driver writes `{"args": [...]}` to URI; return those arguments.
+
+    Until then the driver rewrites the file with a counter every few seconds (`{"lease": n}`); a
+    counter that stops moving means the driver is gone, and the job ends rather than wait forever."""
+    poll = GO_POLL_S if not storage.is_s3(uri) else 5 * GO_POLL_S  # a GET each time, on S3
+    seen, moved_at = None, time.monotonic()
+    while True:
+        try:
+            go = json.loads(storage.read_bytes(uri))
+        except (FileNotFoundError, json.JSONDecodeError):
+            go = None
+        if go and "args" in go:
+            return go["args"]
+        if go != seen:
+            seen, moved_at = go, time.monotonic()
+        elif time.monotonic() - moved_at > GO_ORPHANED_S:
+            print(f"genpipe: the driver that submitted this job stopped renewing {uri}: it is gone; ending",
+                  file=sys.stderr, flush=True)
+            raise SystemExit(1)
+        time.sleep(poll)
+
+
+def _run(a: argparse.Namespace, *, ready_at: float) -> int:
     from pipelines.tracking import tracking_uri
 
-    for module in STAGE_MODULES[a.stage]:
-        importlib.import_module(module)
-    timing = {"process_started_at": _process_started_at(), "work_started_at": time.time()}
+    timing = {"process_started_at": _process_started_at(), "ready_at": ready_at, "work_started_at": time.time()}
 
     spec = PipelineSpec.model_validate(read_json(a.spec))
     manifests = [read_json(uri) for uri in a.inputs]

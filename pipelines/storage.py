@@ -100,6 +100,22 @@ def write_bytes(uri: str, data: bytes) -> None:
         raise
 
 
+def write_first(uri: str, data: bytes) -> None:
+    """`write_bytes` for a command's first write to its storage: a storage it cannot write (no such bucket,
+    credentials refused, a read-only directory) is the user's to fix, so it is InvalidInput, not a crash."""
+    if not is_s3(uri):
+        try:
+            return write_bytes(uri, data)
+        except (PermissionError, NotADirectoryError, FileExistsError) as e:
+            raise InvalidInput(f"cannot write to storage {uri}: {e.strerror}") from None
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        write_bytes(uri, data)
+    except (ClientError, BotoCoreError) as e:
+        raise InvalidInput(f"cannot write to storage {uri}: {str(e).splitlines()[0]}") from None
+
+
 def read_bytes(uri: str) -> bytes:
     if is_s3(uri):
         bucket, key = _split(uri)
@@ -121,6 +137,65 @@ def exists(uri: str) -> bool:
                 return False
             raise
     return Path(uri).exists()
+
+
+def stat(uri: str) -> tuple[int, str] | None:
+    """(size, stamp) of a file, or None when there is none: the stamp changes when the file does
+    (its mtime locally, its ETag on S3)."""
+    if is_s3(uri):
+        bucket, key = _split(uri)
+        try:
+            head = _s3().head_object(Bucket=bucket, Key=key)
+        except _s3().exceptions.ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+        return head["ContentLength"], head["ETag"]
+    path = Path(uri)
+    if not path.is_file():
+        return None
+    st = path.stat()
+    return st.st_size, str(st.st_mtime_ns)
+
+
+def list_files(uri: str) -> list[tuple[str, int, str]]:
+    """(path relative to `uri`, '/'-separated; size; stamp as in `stat`) of every file under a local
+    directory or an S3 prefix, sorted. Symlinked directories are not followed (no cycles)."""
+    if is_s3(uri):
+        bucket, prefix = _split(uri.rstrip("/") + "/")
+        found = []
+        for page in _s3().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            found += [(o["Key"][len(prefix):], o["Size"], o["ETag"]) for o in page.get("Contents", [])
+                      if not o["Key"].endswith("/")]  # "folder" marker objects
+        return sorted(found)
+    found = []
+    for d, _, files in os.walk(uri):
+        for f in files:
+            p = Path(d, f)
+            if p.is_file():
+                st = p.stat()
+                found.append((p.relative_to(uri).as_posix(), st.st_size, str(st.st_mtime_ns)))
+    return sorted(found)
+
+
+def download(uri: str, path: str) -> None:
+    """An S3 object to a local file, streamed (an archive may not fit in memory)."""
+    bucket, key = _split(uri)
+    try:
+        _s3().download_file(bucket, key, path)
+    except _s3().exceptions.ClientError as e:
+        if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            raise FileNotFoundError(uri) from None
+        raise
+
+
+def delete(uri: str) -> None:
+    """Remove one file; one already gone is fine."""
+    if is_s3(uri):
+        bucket, key = _split(uri)
+        _s3().delete_object(Bucket=bucket, Key=key)
+        return
+    Path(uri).unlink(missing_ok=True)
 
 
 def sha256(data: bytes) -> str:

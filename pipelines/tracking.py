@@ -8,6 +8,7 @@ FAILED or KILLED on the way out.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 from contextlib import contextmanager
@@ -22,6 +23,23 @@ KEY_TAG = "genpipe.key"
 
 def genpipe_home() -> Path:
     return Path(os.environ.get("GENPIPE_HOME", ".genpipe")).expanduser().resolve()
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on the file PATH, held for the block.
+
+    Several `genpipe` commands may start at once on one home: the first to take the lock creates what is
+    shared (the local Ray head, the MLflow database), the others wait for it and then find it there.
+    An flock dies with its process, so a command killed while holding it blocks nobody.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def tracking_uri() -> str:
@@ -58,7 +76,14 @@ def client() -> MlflowClient:
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri()
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    # The client's store creates the schema of a new database; two commands doing that at once fail
+    # ("duplicate column name"). One creates it under the lock; the others find it made.
+    with file_lock(Path(uri[len("sqlite:///"):] + ".lock")):
+        c = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        c.search_experiments(max_results=1)
+    return c
 
 
 def experiment_id(c: MlflowClient, name: str, storage_root: str) -> str:
@@ -108,11 +133,16 @@ def sigterm_as_exception() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
+# The runs inside a run_status block of this process, outermost first: what kill_open_runs marks.
+_open_runs: list[tuple[MlflowClient, str]] = []
+
+
 @contextmanager
 def run_status(c: MlflowClient, run_id: str) -> Iterator[None]:
     """FINISHED on success, KILLED on Ctrl-C/SIGTERM, FAILED otherwise; never left RUNNING."""
     from mlflow.entities import RunStatus
 
+    _open_runs.append((c, run_id))
     try:
         yield
     except (KeyboardInterrupt, Terminated):
@@ -121,7 +151,26 @@ def run_status(c: MlflowClient, run_id: str) -> Iterator[None]:
     except BaseException:
         _terminate(c, run_id, RunStatus.FAILED)
         raise
+    finally:
+        _open_runs.remove((c, run_id))
     c.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+
+
+def kill_open_runs() -> None:
+    """Mark every run inside a run_status block KILLED now, children included, not on the way out.
+
+    For an interrupted driver about to wait for its stage job to stop: Ray SIGKILLs a stopped job's
+    driver RAY_JOB_STOP_WAIT_TIME_S (3 s by default) after its SIGTERM, which can land mid-wait, and
+    a run not yet marked then stays RUNNING. run_status marks them once more on the way out (a trial
+    the job reopened meanwhile), and raises what fails then: a failure here is not the last word.
+    """
+    from mlflow.entities import RunStatus
+
+    for c, run_id in reversed(_open_runs):
+        try:
+            _terminate(c, run_id, RunStatus.KILLED)
+        except Exception:
+            pass
 
 
 def _terminate(c: MlflowClient, run_id: str, status: int) -> None:

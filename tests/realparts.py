@@ -64,6 +64,13 @@ def moto_s3(tmp_path_factory):
     proc.wait(10)
 
 
+def home_env(path: Path, moto_s3: dict) -> dict:
+    """The environment of a `genpipe` on GENPIPE_HOME=PATH: moto's S3, and none of the Ray, MLflow, AWS or
+    genpipe settings of whoever runs the suite (a cluster address, a tracking server, a profile, a token)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_", "AWS_", "GENPIPE_"))}
+    return {**env, **moto_s3, "GENPIPE_HOME": str(path)}
+
+
 @pytest.fixture(scope="session")
 def home(tmp_path_factory, moto_s3):
     """GENPIPE_HOME for the session, with one local Ray head shared by every test.
@@ -71,9 +78,7 @@ def home(tmp_path_factory, moto_s3):
     The head is started with the S3 environment so stage jobs can reach moto.
     """
     home = tmp_path_factory.mktemp("genpipe-home")
-    env = {**os.environ, **moto_s3, "GENPIPE_HOME": str(home)}
-    env.pop("RAY_ADDRESS", None)
-    env.pop("MLFLOW_TRACKING_URI", None)
+    env = home_env(home, moto_s3)
     code = "from pipelines import cluster; print(cluster.start_local_head(num_cpus=2, log=lambda m: None))"
     url = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
                          cwd=REPO).stdout.strip().splitlines()[-1]
@@ -82,10 +87,45 @@ def home(tmp_path_factory, moto_s3):
                    cwd=REPO, capture_output=True)
 
 
+# Every `genpipe` a test starts, so that `end_started` can end what a failed test left running.
+_started: list[subprocess.Popen] = []
+
+
+def start(home: dict, *args: str, extra_env: dict | None = None) -> subprocess.Popen:
+    """Start the real CLI as a user's shell would: SIGINT at its default, whatever the suite inherited
+    (a shell without job control starts background commands with SIGINT ignored, and exec keeps
+    that: a test's Ctrl-C would never land), no stdin. stdout and stderr are pipes, as text."""
+    proc = subprocess.Popen([GENPIPE, *args], env={**home["env"], **(extra_env or {})}, cwd=REPO, text=True,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=_default_sigint)
+    _started.append(proc)
+    return proc
+
+
 def genpipe(home: dict, *args: str, timeout: float = 600, extra_env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run the real CLI; returns the completed process (stdout, stderr as text)."""
-    env = {**home["env"], **(extra_env or {})}
-    return subprocess.run([GENPIPE, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    """Run the real CLI to its end; returns the completed process (stdout, stderr as text)."""
+    proc = start(home, *args, extra_env=extra_env)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        end_started()  # as a user's Ctrl-C would: its stage job stops too, not just the driver
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def end_started() -> None:
+    """End every `genpipe` this session started that still runs: SIGTERM first (the driver then stops its
+    stage job and marks its runs KILLED), SIGKILL if it has not ended after 30 s. A test that fails
+    half-way must not leave a job holding the head's CPUs for the tests after it."""
+    while _started:
+        proc = _started.pop()
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
 
 
 def last_json(stdout: str) -> dict:

@@ -3,10 +3,13 @@ version: a real Ray head, MLflow on sqlite, the digits. Each family trains
 (its contract-suite `tiny()` config, one worker, a few steps), is evaluated
 and registered for real; the learning tests are where they must learn.
 
-The first family's pipeline runs alone and builds the feature extractor; the
-others find it in storage and run two at a time: a pipeline mostly waits on
-its stages' start-up with one core busy, and the head has a CPU for each of
-two train stages."""
+They run on a GENPIPE_HOME of their own, with no head and no database yet,
+and the first three start at the same moment, as three users' commands
+would: one of them starts the local head and creates the MLflow database,
+under a lock, and the others wait for it and share them. The rest then run
+two at a time: a pipeline mostly waits on its stages' start-up with one core
+busy, and the head has a CPU for each of two train stages. At the end
+`genpipe head status` and `genpipe head stop` see and stop that head."""
 
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from mlflow.tracking import MlflowClient
 
 from gen_models import registry
 from pipelines import config
-from tests.realparts import DIGITS, genpipe, last_json
+from tests.realparts import DIGITS, genpipe, home_env, last_json
 
 pytestmark = pytest.mark.integration
 
@@ -37,26 +40,45 @@ def tiny(family: str) -> list[str]:
     return [a for k, v in fields.items() if k not in config.DATA_SHAPED for a in ("--set", f"model.{k}={json.dumps(v)}")]
 
 
+FIRST_AT_ONCE = 3
+
+
 @pytest.fixture(scope="module")
-def pipelines(home) -> dict:
+def fresh_home(tmp_path_factory, moto_s3):
+    """A GENPIPE_HOME with nothing in it: no head, no database."""
+    path = tmp_path_factory.mktemp("families-home")
+    home = {"path": path, "env": home_env(path, moto_s3)}
+    yield home
+    genpipe(home, "head", "stop", "--force")  # when a test failed before stopping it
+
+
+@pytest.fixture(scope="module")
+def pipelines(fresh_home) -> dict:
     """Every family's pipeline: its completed `genpipe pipeline`, or what running it raised."""
 
     def run(family: str):
         try:
-            return genpipe(home, "pipeline", "--config", f"jobs/{family}.yaml", *DIGITS, *TRAIN, *tiny(family),
+            return genpipe(fresh_home, "pipeline", "--config", f"jobs/{family}.yaml", *DIGITS, *TRAIN, *tiny(family),
                            "--set", f"name=e2e-{family}")
         except Exception as e:  # a timeout: that family's test reports it
             return e
 
-    first, *rest = registry.FAMILIES
-    out = {first: run(first)}
+    families = list(registry.FAMILIES)
+    first, rest = families[:FIRST_AT_ONCE], families[FIRST_AT_ONCE:]
+    with ThreadPoolExecutor(FIRST_AT_ONCE) as pool:
+        out = dict(zip(first, pool.map(run, first)))
     with ThreadPoolExecutor(AT_A_TIME) as pool:
         out |= zip(rest, pool.map(run, rest))
     return out
 
 
+def _client(home) -> MlflowClient:
+    uri = f"sqlite:///{home['path'] / 'mlflow.db'}"
+    return MlflowClient(uri, registry_uri=uri)
+
+
 @pytest.mark.parametrize("family", list(registry.FAMILIES))
-def test_family_spec_trains_evaluates_registers(family, home, pipelines):
+def test_family_spec_trains_evaluates_registers(family, fresh_home, pipelines):
     spec = f"jobs/{family}.yaml"
     r = pipelines[family]
     if isinstance(r, Exception):
@@ -67,8 +89,7 @@ def test_family_spec_trains_evaluates_registers(family, home, pipelines):
     assert out["model"] == name and out["version"] == 1
     assert f"step {STEPS}/{STEPS}" in r.stderr
 
-    uri = f"sqlite:///{home['path'] / 'mlflow.db'}"
-    c = MlflowClient(uri, registry_uri=uri)
+    c = _client(fresh_home)
     for stage in ("train", "evaluate", "register"):
         assert c.get_run(out["runs"][stage]).info.status == "FINISHED", stage
     assert c.get_run(out["runs"]["train"]).data.metrics["train/img_per_s"] > 0
@@ -80,3 +101,33 @@ def test_family_spec_trains_evaluates_registers(family, home, pipelines):
     assert tags["primary_metric"] == primary
     assert math.isfinite(float(tags[f"metric.{primary}"])) and math.isfinite(float(tags["metric.fid"]))
     assert math.isfinite(c.get_run(out["runs"]["evaluate"]).data.metrics[f"eval/{primary}"])
+
+
+def test_pipelines_started_at_once_share_one_head_and_database(fresh_home, pipelines):
+    first = [pipelines[f] for f in list(registry.FAMILIES)[:FIRST_AT_ONCE]]
+    for r in first:
+        if isinstance(r, Exception):
+            raise r
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert sum("starting a local Ray head" in r.stderr for r in first) == 1
+    # Every pipeline says, last, which head stays up: the same one for all.
+    heads = {line for r in pipelines.values() if not isinstance(r, Exception)
+             for line in r.stderr.splitlines() if "stays up for the next command" in line}
+    assert len(heads) == 1, heads
+    c = _client(fresh_home)
+    runs = c.search_runs([e.experiment_id for e in c.search_experiments()], max_results=1000)
+    assert len(runs) == 5 * len(registry.FAMILIES)  # a pipeline run and four stage runs each
+    assert {r.info.status for r in runs} == {"FINISHED"}
+
+
+def test_head_status_then_stop(fresh_home, pipelines):
+    r = genpipe(fresh_home, "head", "status")
+    assert r.returncode == 0 and "local Ray head at http://127.0.0.1:" in r.stdout and "0 job(s) running" in r.stdout
+    url = r.stdout.split(" at ")[1].split()[0]
+    assert url in next(line for line in pipelines["gan"].stderr.splitlines() if "stays up" in line)
+    r = genpipe(fresh_home, "head", "stop")
+    assert r.returncode == 0 and f"stopped the local Ray head at {url}" in r.stderr, r.stderr
+    r = genpipe(fresh_home, "head", "status")
+    assert r.returncode == 0 and "no local Ray head is up" in r.stdout
+    r = genpipe(fresh_home, "head", "stop")
+    assert r.returncode == 0 and "no local Ray head to stop" in r.stderr

@@ -19,10 +19,12 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.realparts import DIGITS, GENPIPE, REPO, _free_port, committed_checkpoint
+from pipelines import tracking
+from tests.realparts import DIGITS, _free_port, committed_checkpoint, start
 
 pytestmark = pytest.mark.integration
 
@@ -34,11 +36,10 @@ SETS = [f"train.steps={STEPS}", "train.checkpoint_every=100", f"train.log_every=
 
 
 def _start_train(home, name: str, *sets: str, extra_env: dict | None = None) -> subprocess.Popen:
-    args = [GENPIPE, "train", "--config", "jobs/smoke.yaml", *DIGITS, "--set", f"name={name}"]
+    args = ["train", "--config", "jobs/smoke.yaml", *DIGITS, "--set", f"name={name}"]
     for s in (*SETS, *sets):
         args += ["--set", s]
-    return subprocess.Popen(args, env={**home["env"], **(extra_env or {})}, cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return start(home, *args, extra_env=extra_env)
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 600) -> str:
@@ -85,7 +86,11 @@ def _final_step(home, name: str) -> int:
 
 
 def _sqlite(home) -> MlflowClient:
-    return MlflowClient(f"sqlite:///{home['path'] / 'mlflow.db'}")
+    """The session's MLflow store, opened under the lock genpipe's own commands take (tracking.client): a
+    driver starting at the same moment may be creating its schema, and two at once break it."""
+    db = home["path"] / "mlflow.db"
+    with tracking.file_lock(Path(f"{db}.lock")):
+        return MlflowClient(f"sqlite:///{db}")
 
 
 def test_killed_train_worker_restarts_from_its_checkpoint(home):
@@ -120,29 +125,82 @@ def test_killed_driver_rerun_follows_the_running_train_job(home):
     assert runs == {name: "FINISHED", f"{name}/prepare": "FINISHED", f"{name}/train": "FINISHED"}
 
 
+def _runs(c: MlflowClient, name: str) -> dict[str, str]:
+    """Run name -> status, for pipeline NAME's runs so far."""
+    exp = c.get_experiment_by_name(name)
+    return {r.info.run_name: r.info.status for r in c.search_runs([exp.experiment_id])} if exp else {}
+
+
 def _stage_jobs(home, name: str, stage: str) -> list[dict]:
-    """The Ray jobs of one stage of one pipeline on the session's head (their metadata names both)."""
+    """The Ray jobs of one stage of one pipeline on the session's head (their metadata names both: the key
+    of what a job makes, or the go file of a job submitted ahead of its turn)."""
     ray = str(Path(sys.executable).with_name("ray"))
     r = subprocess.run([ray, "list", "jobs", "--address", home["address"], "--detail", "--format", "json"],
                        env={**home["env"], "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, check=True)
     jobs = [] if r.stdout.startswith("No resource") else json.loads(r.stdout)
     return [j for j in jobs if (j.get("metadata") or {}).get("genpipe_stage") == stage
-            and f"/{name}/{stage}/" in j["metadata"].get("genpipe_key", "")]
+            and f"/{name}/{stage}/" in j["metadata"].get("genpipe_key", j["metadata"].get("genpipe_go", ""))]
 
 
 def test_sigterm_ends_every_run_killed_and_stops_the_job(home):
     name = "fault-sigterm"
     proc = _start_train(home, name)
     c = _sqlite(home)
-    _wait_for("the train job", lambda: _stage_jobs(home, name, "train"), proc)
+    # The train job is submitted while prepare runs; its MLflow run is opened when prepare has finished.
+    _wait_for("the train job and run", lambda: _stage_jobs(home, name, "train") and _runs(c, name).get(f"{name}/train"),
+              proc)
     proc.terminate()
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]
     assert "[train] stopping job" in err
     (job,) = _stage_jobs(home, name, "train")
     assert job["status"] == "STOPPED", job
-    runs = {r.info.run_name: r.info.status for r in c.search_runs([c.get_experiment_by_name(name).experiment_id])}
-    assert runs == {name: "KILLED", f"{name}/prepare": "FINISHED", f"{name}/train": "KILLED"}
+    assert _runs(c, name) == {name: "KILLED", f"{name}/prepare": "FINISHED", f"{name}/train": "KILLED"}
+
+
+def _stage_process(name: str, stage: str) -> psutil.Process | None:
+    """The `python -m pipelines.stages STAGE` process of pipeline NAME (its --spec URI names the pipeline)."""
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if cmd[1:4] == ["-m", "pipelines.stages", stage] and any(f"/{name}/specs/" in a for a in cmd):
+            return p
+    return None
+
+
+def test_sigterm_marks_every_run_killed_before_a_slow_stage_job_has_stopped(home):
+    """Deleting a RayJob stops its driver: SIGTERM, then SIGKILL RAY_JOB_STOP_WAIT_TIME_S later (3 s unless
+    set). Every run must be KILLED within those 3 s however long the stage job takes to end. Here the
+    prepare job's process is frozen (SIGSTOP, as a process stuck in I/O is): it cannot act on the SIGTERM
+    its stop sends, and ends only when Ray SIGKILLs it, this head's 3 s after the driver stopped it."""
+    name = "fault-sigterm-slow-stop"
+    c = _sqlite(home)  # before the driver: on a new home, both would create the schema at once
+    proc = start(home, "prepare", "--config", "jobs/smoke.yaml", *DIGITS, "--set", f"name={name}")
+    deadline = time.time() + 120
+    while (job_process := _stage_process(name, "prepare")) is None:
+        assert proc.poll() is None, f"the driver ended first: {proc.stderr.read()[-3000:]}"
+        assert time.time() < deadline, "no prepare job process after 120 s"
+        time.sleep(0.1)
+    job_process.suspend()
+    try:
+        def runs() -> dict[str, str]:
+            return _runs(c, name)
+
+        # The prepare job is submitted as soon as the head answers, before the driver has opened its runs.
+        _wait_for("the prepare run", lambda: runs() == {name: "RUNNING", f"{name}/prepare": "RUNNING"}, proc, 120)
+        proc.terminate()
+        sent = time.monotonic()
+        while "RUNNING" in runs().values() and time.monotonic() - sent < 3:
+            time.sleep(0.05)
+        assert runs() == {name: "KILLED", f"{name}/prepare": "KILLED"}, "a run is still RUNNING 3 s after SIGTERM"
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if job_process.is_running():
+            job_process.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert "[prepare] stopping job" in err
+    (job,) = _stage_jobs(home, name, "prepare")
+    assert job["status"] == "STOPPED", job
+    assert runs() == {name: "KILLED", f"{name}/prepare": "KILLED"}
 
 
 def test_hung_collective_times_out_and_is_retried(home):

@@ -15,7 +15,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from tests.realparts import DIGITS, GENPIPE, REPO, committed_checkpoint, genpipe
+from tests.realparts import DIGITS, committed_checkpoint, genpipe, start
 
 pytestmark = pytest.mark.integration
 
@@ -57,10 +57,10 @@ def test_interrupted_training_resumes_to_the_uninterrupted_result(home):
     sets = ["train.steps=1000", "train.checkpoint_every=100", "train.log_every=50"]
     _train(home, "resume-ref", *sets)
 
-    args = [GENPIPE, "train", "--config", "jobs/smoke.yaml", *DIGITS, "--set", "name=resume-cut"]
+    args = ["train", "--config", "jobs/smoke.yaml", *DIGITS, "--set", "name=resume-cut"]
     for s in sets:
         args += ["--set", s]
-    proc = subprocess.Popen(args, env=home["env"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start(home, *args)
     train_dir = home["path"] / "storage" / "resume-cut" / "train"
     deadline = time.time() + 300
     while not committed_checkpoint(train_dir):

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.realparts import DIGITS, GENPIPE, REPO, genpipe, last_json, reserved_placement_groups
+from tests.realparts import DIGITS, genpipe, last_json, reserved_placement_groups, start
 
 pytestmark = pytest.mark.integration
 
@@ -110,9 +109,7 @@ def test_a_killed_search_resumes_without_rerunning_or_duplicating(home):
     # checkpoint. On resume trial 0 must not run again and trial 1 must start from that checkpoint.
     args = ["tune", *SMOKE, "--set", "name=tune-resume", "--set", "tune.scheduler=fifo", "--set", "tune.search=random",
             "--set", "tune.num_samples=2", "--set", "tune.max_concurrent_trials=1"]
-    env = home["env"]
-    proc = subprocess.Popen([GENPIPE, *args], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = start(home, *args)
     tune_dir = home["path"] / "storage" / "tune-resume" / "tune"
     deadline = time.time() + SEARCH_TIMEOUT
     while len(_checkpointed_trials(next(iter(tune_dir.glob("search-*")), tune_dir))) < 2:
