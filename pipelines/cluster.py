@@ -31,10 +31,19 @@ TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 STOP_WAIT_S = 10
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_handed_out: set[int] = set()
+
+
+def free_port() -> int:
+    """A port free on 127.0.0.1 now and not handed out before by this process: the kernel can give the
+    same ephemeral port to two binds in a row, and Ray refuses to start with two components on one port."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def _alive(dashboard_url: str) -> bool:
@@ -93,7 +102,7 @@ def local_head_url() -> str | None:
 
 
 def _start_head(cpus: int, log) -> str:
-    gcs_port, dash_port = _free_port(), _free_port()
+    gcs_port, dash_port = free_port(), free_port()
     url = f"http://127.0.0.1:{dash_port}"
     # Ray's state API, called inside the cluster with no address (Train's PlacementGroupCleaner asks it
     # whether its controller is alive), finds the cluster through /tmp/ray, which names the newest head
@@ -111,7 +120,7 @@ def _start_head(cpus: int, log) -> str:
     cmd = [ray_bin(), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", f"--num-cpus={cpus}",
            f"--temp-dir={temp_dir}",
-           "--disable-usage-stats", "--include-dashboard=true", *(f"--{p}={_free_port()}" for p in fixed)]
+           "--disable-usage-stats", "--include-dashboard=true", *(f"--{p}={free_port()}" for p in fixed)]
     state = _state_file()
     state.parent.mkdir(parents=True, exist_ok=True)
     # `--block` keeps `ray start` in the foreground of its own session: stopping this head

@@ -12,7 +12,6 @@ import pwd
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,14 +25,12 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.cluster import free_port as _free_port
+
 REPO = Path(__file__).resolve().parents[1]
 GENPIPE = str(Path(sys.executable).with_name("genpipe"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # Distinctive (moto accepts any): a test greps everything a pipeline writes for them.

@@ -59,28 +59,33 @@ def _digest(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_corrupt_shard_is_refused_and_earlier_outputs_stay(home):
-    base = ["--config", "jobs/smoke.yaml", *DIGITS, "--set", "name=corrupt"]
+def test_corrupt_shard_is_refused_and_earlier_outputs_stay(home, tmp_path):
+    # A storage of its own: the shard it corrupts is nobody else's, even if the test dies before restoring it.
+    storage = tmp_path / "storage"
+    base = ["--config", "jobs/smoke.yaml", *DIGITS, "--set", "name=corrupt", "--set", f"storage={storage}"]
     assert genpipe(home, "prepare", *base).returncode == 0
-    storage = home["path"] / "storage"
-    shard = sorted((storage / "datasets").rglob("train-*.npz"))[0]
+    shard = min((storage / "datasets").rglob("train-*.npz"))
     prepare_dir = storage / "corrupt" / "prepare"
     before = _digest(prepare_dir)
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
-    try:
-        r = genpipe(home, "train", *base)
-        _one_clear_line(r, "corrupt")
-        assert _digest(prepare_dir) == before
-        assert not (storage / "corrupt" / "train" / "manifest.json").exists()
-        c = MlflowClient(f"sqlite:///{home['path'] / 'mlflow.db'}")
-        runs = {r.info.run_name: r.info.status
-                for r in c.search_runs([c.get_experiment_by_name("corrupt").experiment_id])}
-        assert runs == {"corrupt": "FAILED", "corrupt/prepare": "FINISHED", "corrupt/train": "FAILED"}
-    finally:
-        data[len(data) // 2] ^= 0xFF
-        shard.write_bytes(bytes(data))
+    r = genpipe(home, "train", *base)
+    _one_clear_line(r, "corrupt")
+    assert _digest(prepare_dir) == before
+    assert not (storage / "corrupt" / "train" / "manifest.json").exists()
+    c = MlflowClient(f"sqlite:///{home['path'] / 'mlflow.db'}")
+    runs = {r.info.run_name: r.info.status
+            for r in c.search_runs([c.get_experiment_by_name("corrupt").experiment_id])}
+    assert runs == {"corrupt": "FAILED", "corrupt/prepare": "FINISHED", "corrupt/train": "FAILED"}
+
+
+def test_an_unreachable_address_is_refused_before_any_mlflow_run(home, tmp_path):
+    fresh = tmp_path / "home"
+    r = genpipe(home, "pipeline", "--config", "jobs/smoke.yaml", "--address", "http://127.0.0.1:1",
+                extra_env={"GENPIPE_HOME": str(fresh)})
+    _one_clear_line(r, "cannot reach the Ray job API at http://127.0.0.1:1")
+    assert not (fresh / "mlflow.db").exists()  # no database, so no run left FAILED with no stages
 
 
 def test_remote_cluster_with_local_storage_is_refused(home):
