@@ -3,6 +3,7 @@ each stage's work, Ray Train's own start, checkpoints and MLflow logging.
 
     .venv/bin/python benchmarks/orchestration.py                       # jobs/demo.yaml, a fresh GENPIPE_HOME
     .venv/bin/python benchmarks/orchestration.py --set train.num_workers=1
+    .venv/bin/python benchmarks/orchestration.py --config jobs/smoke.yaml --warm   # then again on the warm head
 
 Runs `genpipe pipeline` as a user would, in a fresh GENPIPE_HOME (so the local
 Ray head is started, and every stage runs: nothing cached), then reads the

@@ -21,6 +21,7 @@ run sampling benchmarks/sampling.py --n 8
 # 2b. What DDIM's cheaper chain costs in quality: a DDPM trained on 8x8 digits, each sampler's img/s and FID.
 run sampling_quality benchmarks/sampling_quality.py
 # 3. Orchestration overhead and data path of the demo; 4. scaling: the same run on one worker.
+run orchestration_smoke benchmarks/orchestration.py --config jobs/smoke.yaml --warm
 run orchestration_demo benchmarks/orchestration.py --config jobs/demo.yaml
 run orchestration_demo_1worker benchmarks/orchestration.py --config jobs/demo.yaml --set train.num_workers=1
 echo "results: $out/bench.jsonl"
