@@ -127,16 +127,12 @@ def read_bytes(uri: str) -> bytes:
 
 
 def exists(uri: str) -> bool:
-    if is_s3(uri):
-        bucket, key = _split(uri)
-        try:
-            _s3().head_object(Bucket=bucket, Key=key)
-            return True
-        except _s3().exceptions.ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return False
-            raise
-    return Path(uri).exists()
+    return stat(uri) is not None
+
+
+def _not_found(e: Exception) -> bool:
+    """Whether an S3 ClientError says the object is not there."""
+    return e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound")
 
 
 def stat(uri: str) -> tuple[int, str] | None:
@@ -147,7 +143,7 @@ def stat(uri: str) -> tuple[int, str] | None:
         try:
             head = _s3().head_object(Bucket=bucket, Key=key)
         except _s3().exceptions.ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            if _not_found(e):
                 return None
             raise
         return head["ContentLength"], head["ETag"]
@@ -184,7 +180,7 @@ def download(uri: str, path: str) -> None:
     try:
         _s3().download_file(bucket, key, path)
     except _s3().exceptions.ClientError as e:
-        if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+        if _not_found(e):
             raise FileNotFoundError(uri) from None
         raise
 
