@@ -4,7 +4,7 @@
 
 Trains a small DDPM (T = 1000, cosine schedule, the 173k-parameter UNet of
 tests/unit/test_learning_ddpm.py) on scikit-learn's 8x8 digits with the
-pipeline's own loop (`pipelines.train.run_steps`), then draws as many samples
+pipeline's own loop (`pipelines.steps.run_steps`), then draws as many samples
 as the test split holds with the ancestral sampler over all 1000 steps and with
 DDIM over 100 and 50, each from the same seed. FID is the pipeline's: on the
 features of a classifier fitted to the same digits (as prepare fits one per
@@ -26,7 +26,7 @@ from gen_models import registry
 from gen_models.base import StepContext
 from pipelines import metrics
 from pipelines.data import load_source
-from pipelines.train import StepBatches, run_steps
+from pipelines.steps import StepBatches, run_steps
 
 MODEL = {"image_size": 8, "channels": 1, "timesteps": 1000, "schedule": "cosine", "base_channels": 16,
          "channel_mults": (1, 2), "num_res_blocks": 1, "lr": 2e-3, "ema_decay": 0.995}

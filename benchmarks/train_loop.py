@@ -7,7 +7,7 @@ so drift hits both alike.
 
 Three loops per (family, variant):
     bare      what a user would write: random batch from a device tensor, training_step
-    pipeline  pipelines.train.run_steps over StepBatches (step-indexed batches, per-step
+    pipeline  pipelines.steps.run_steps over StepBatches (step-indexed batches, per-step
               reseeding, tensor metric sums), as a train worker runs it
     ddp       the same with every ddp_module wrapped in DDP over a one-process group
               (gloo on the CPU, nccl on a GPU): what DDP's hooks cost a worker of
@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gen_models import registry
 from gen_models.base import GenerativeModel, StepContext
-from pipelines.train import StepBatches, run_steps
+from pipelines.steps import StepBatches, run_steps
 
 VARIANTS = {  # name -> (autocast dtype, channels_last, compile)
     "fp32": (None, False, False),

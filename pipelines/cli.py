@@ -18,8 +18,7 @@ from pathlib import Path
 
 from pipelines import models
 from pipelines.errors import GateFailed, InvalidInput, StageFailed
-
-STAGE_COMMANDS = ("prepare", "train", "evaluate", "register")
+from pipelines.stages import STAGES
 
 
 def _spec(a: argparse.Namespace):
@@ -143,7 +142,7 @@ def parser() -> argparse.ArgumentParser:
     spec_args(sp)
     sp.add_argument("--resume", action="store_true", help="continue an interrupted search")
     sp.set_defaults(fn=cmd_pipeline, until="tune")
-    for stage in STAGE_COMMANDS:
+    for stage in STAGES:
         sp = sub.add_parser(stage, help=f"run the pipeline up to {stage} (earlier stages run if not cached)")
         spec_args(sp)
         sp.set_defaults(fn=cmd_pipeline, until=stage)

@@ -18,10 +18,10 @@ import time
 import urllib.request
 import uuid
 from dataclasses import dataclass
-from typing import Callable
 from pathlib import Path
+from typing import Callable
 
-from pipelines import storage
+from pipelines import ray_internals, storage
 from pipelines.errors import GateFailed, InvalidInput, StageFailed
 from pipelines.tracking import Terminated, file_lock, genpipe_home, kill_open_runs
 
@@ -104,11 +104,9 @@ def local_head_url() -> str | None:
 def _start_head(cpus: int, log) -> str:
     gcs_port, dash_port = free_port(), free_port()
     url = f"http://127.0.0.1:{dash_port}"
-    # Ray's state API, called inside the cluster with no address (Train's PlacementGroupCleaner asks it
-    # whether its controller is alive), finds the cluster through /tmp/ray, which names the newest head
-    # in the default temp dir, not this one: it then waits 40 s for an absent GCS, and every Train run
-    # paid its stop timeout for it. Name this head's API server outright.
-    env = {**_head_env(), "RAY_API_SERVER_ADDRESS": url}
+    env = ray_internals.head_env(url)
+    # Job entrypoints call `python`: make it this interpreter.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     log(f"starting a local Ray head at {url} ({cpus} CPUs)")
     # Ports whose defaults are fixed get free ones, so two heads on one machine (a test
     # suite's and a user's) don't fight over them.
@@ -185,22 +183,6 @@ def _running(pid: int) -> bool:
         return True
     except ProcessLookupError:
         return False
-
-
-def _head_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.setdefault("RAY_AUTH_MODE", "token")
-    # On Linux Ray swaps --node-ip-address=127.0.0.1 for the machine's address and its GCS, raylet
-    # and agents listen on every interface. This switch (meant for laptops: no multi-node cluster)
-    # keeps a single-node head on loopback only, which is all a local head is.
-    env.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    # Train's PreemptionWatcher polls for nodes being drained (spot instances). A local head is one
-    # machine that is never drained, and the watcher is one more Python process booting on its cores
-    # just as the first training steps run. The workers inherit this from the head.
-    env.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    # Job entrypoints call `python`: make it this interpreter.
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return env
 
 
 def target(address: str | None) -> tuple[str | None, bool]:
@@ -344,7 +326,11 @@ class Cluster:
         go = storage.join(ahead.go_dir, f"go-{job_id}.json")
         storage.write_bytes(go, json.dumps({"lease": 0}).encode())
         with self._go_lock:
-            self.pending[ahead.stage] = (job_id, go)
+            # One submitted earlier for this stage guessed wrong about the stages in front (data prepared
+            # by a pipeline the tracking store does not know runs as a job after all): it goes.
+            earlier, self.pending[ahead.stage] = self.pending.get(ahead.stage), (job_id, go)
+        if earlier:
+            self._cancel(*earlier)
         self._submit(ahead.stage, job_id, [*ahead.args, "--go", go], {"genpipe_stage": ahead.stage, "genpipe_go": go},
                      env=env, num_gpus=0, num_cpus=0)
         if self._lease is None:

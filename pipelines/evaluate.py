@@ -25,6 +25,7 @@ from gen_models.base import GenerativeModel
 from pipelines import checkpoints, metrics, storage
 from pipelines import data as datasets
 from pipelines.config import PipelineSpec
+from pipelines.stages import StageJob
 
 
 def load_model(checkpoint_uri: str) -> GenerativeModel:
@@ -75,6 +76,11 @@ def bits_per_dim(model: GenerativeModel, x: torch.Tensor, batch_size: int = 1000
                      for i in range(0, len(x), batch_size)])
     dims = x[0].numel()
     return float(nll.mean() / (dims * math.log(2)) + 8)
+
+
+def stage(job: StageJob) -> dict:
+    return run(job.spec, job.inputs["prepare"], job.inputs["train"]["checkpoint"], out_uri=job.stage_dir,
+               run_id=job.run_id, tracking_uri=job.tracking_uri) | {"run_id": job.run_id}
 
 
 def run(spec: PipelineSpec, prepared: dict, checkpoint_uri: str, *, out_uri: str, run_id: str,

@@ -18,6 +18,7 @@ from pathlib import Path
 from pipelines import checkpoints, storage
 from pipelines.config import PipelineSpec, parse_gate
 from pipelines.errors import GateFailed, InvalidInput
+from pipelines.stages import StageJob, code_version
 
 GEN_MODELS_DIR = Path(__file__).resolve().parent.parent / "gen_models"
 SERVING_FILE = Path(__file__).resolve().parent / "serving.py"
@@ -94,6 +95,11 @@ def pip_requirements(distributions: tuple[str, ...]) -> list[str]:
     """`dist==version` of each, as installed here: the served model gets the versions it was registered with.
     A local label (torch's `+cpu`) is dropped: the index a server installs from has the public version only."""
     return [f"{d}=={version(d).split('+')[0]}" for d in distributions]
+
+
+def stage(job: StageJob) -> dict:
+    return run(job.spec, job.inputs["prepare"], job.inputs["train"], job.inputs["evaluate"], run_id=job.run_id,
+               runs=job.runs, tracking_uri=job.tracking_uri, code_version=code_version())
 
 
 def run(spec: PipelineSpec, prepared: dict, trained: dict, evaluated: dict, *, run_id: str, runs: dict[str, str],

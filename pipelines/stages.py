@@ -1,9 +1,13 @@
-"""What a stage's Ray job runs: `python -m pipelines.stages STAGE --spec URI ...`.
+"""The stages, and what a stage's Ray job runs: `python -m pipelines.stages STAGE --spec URI ...`.
 
-A stage reads the spec and its input manifests by URI, does its work, and
-ends by writing its own manifest (inputs, outputs, key, code version, run id).
-The manifest is written last and atomically, so its presence means the stage
-finished; the driver skips a stage whose manifest carries the same key.
+`TABLE` is the one list of stages: the module whose `stage(job)` does each
+one's work, what its job imports before that work, and the spec sections its
+key covers. A stage reads the spec and its input manifests by URI, does its
+work, and ends by writing its own manifest (inputs, outputs, key, code
+version, run id). The manifest is written last and atomically, so its
+presence means the stage finished; the driver skips a stage whose manifest
+carries the same key. This module imports no torch, MLflow or Ray at its top:
+the CLI reads the table to build its commands.
 """
 
 from __future__ import annotations
@@ -15,13 +19,65 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipelines import storage
-from pipelines.config import PipelineSpec
 from pipelines.errors import GateFailed, InvalidInput
 
+if TYPE_CHECKING:
+    from pipelines.config import PipelineSpec
+
+
+@dataclass(frozen=True, kw_only=True)
+class Stage:
+    module: str
+    """Exposes `stage(job: StageJob) -> dict`: the work, returning the manifest's outputs."""
+    imports: tuple[str, ...]
+    """Imported before the work is timed, so the orchestration breakdown (benchmarks/orchestration.py)
+    counts every import as start-up, not as work; a job submitted ahead of its turn imports them while
+    the stage in front of it runs."""
+    sections: tuple[str, ...]
+    """The spec sections the stage's key covers, beyond the keys of the stages before it."""
+
+
+TABLE = {
+    "prepare": Stage(module="pipelines.prepare", imports=("mlflow.tracking", "pipelines.data", "pipelines.metrics"),
+                     sections=("data", "extractor", "seed")),
+    "train": Stage(module="pipelines.train", imports=("pipelines.train", "ray.train.torch"), sections=("model", "train")),
+    "tune": Stage(module="pipelines.tune", imports=("mlflow.tracking", "pipelines.tune", "ray.tune"),
+                  sections=("model", "train", "tune")),
+    "evaluate": Stage(module="pipelines.evaluate", imports=("mlflow.tracking", "pipelines.evaluate"),
+                      sections=("evaluate",)),
+    "register": Stage(module="pipelines.register", imports=("mlflow", "mlflow.tracking", "pipelines.register"),
+                      sections=("registry",)),
+}
 STAGES = ("prepare", "train", "evaluate", "register")
+"""A pipeline's stages in order; a spec with a search space (tune.space) runs tune in train's place."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageJob:
+    """What a stage's work is handed."""
+
+    spec: PipelineSpec
+    """The resolved spec; downstream of a search, with the best trial's values."""
+    root: str
+    """The storage root."""
+    stage_dir: str
+    """`{root}/{spec.name}/{stage}`: where the stage writes its outputs and manifest."""
+    inputs: dict[str, dict]
+    """Each earlier stage's manifest outputs, by stage; downstream of a search, "train" is the best trial."""
+    runs: dict[str, str]
+    """Each earlier stage's MLflow run id, by stage."""
+    run_id: str
+    """The MLflow run this stage logs into (its status is the driver's)."""
+    key: str
+    """The stage's cache key."""
+    tracking_uri: str
+    resume: bool
+    """tune: continue an interrupted search."""
 
 
 def code_version() -> str:
@@ -45,74 +101,9 @@ def read_json(uri: str) -> dict:
         raise InvalidInput(f"{uri} is not valid JSON (corrupt?)") from None
 
 
-def prepare(spec: PipelineSpec, root: str, run_id: str, tracking_uri: str) -> dict:
-    """Source -> shards (content-hashed); extractor and reference statistics once per data hash."""
-    from mlflow.entities import DatasetInput, InputTag
-    from mlflow.tracking import MlflowClient
-
-    from pipelines import data as datasets
-    from pipelines import metrics
-
-    d = spec.data
-    out = storage.join(root, "datasets", f"{d.source}-{spec.hash('data', 'seed')}")
-    manifest = datasets.prepare(d, seed=spec.seed, out_uri=out)
-    data_hash = manifest["data_hash"]
-
-    e = spec.extractor
-    if e.kind == "classifier" and manifest["num_classes"] < 2:  # an image folder's labels name one class
-        raise InvalidInput(f"extractor.kind classifier is fitted on labels, and those of {d.uri} name one class: "
-                           "label at least two, or use extractor.kind inception with extractor.weights_uri")
-    if e.kind == "inception":
-        try:
-            weights = storage.read_bytes(e.weights_uri)
-        except (FileNotFoundError, IsADirectoryError):
-            raise InvalidInput(f"extractor.weights_uri {e.weights_uri} does not exist (Inception weights are "
-                               "never downloaded: put torchvision's inception_v3 weights there)") from None
-        ext_dir = storage.join(root, "extractors", f"{data_hash[:32]}-inception-{storage.sha256(weights)[:16]}")
-    else:
-        ext_dir = storage.join(root, "extractors", f"{data_hash[:32]}-e{e.epochs}")
-    ext_uri, ref_uri, info_uri = (storage.join(ext_dir, n) for n in ("extractor.safetensors", "reference.npz",
-                                                                      "extractor.json"))
-    if storage.exists(info_uri):
-        info = json.loads(storage.read_bytes(info_uri))
-        print(f"{e.kind} extractor for data {data_hash[:12]} already there", flush=True)
-    else:
-        xt, yt = datasets.load_split(manifest, "test")
-        t0 = time.perf_counter()
-        if e.kind == "inception":
-            ext, acc = metrics.inception_from_weights(weights, e.weights_uri), None  # ImageNet classes: no accuracy
-        else:
-            x, y = datasets.load_split(manifest, "train")
-            ext, acc = metrics.train_extractor(x, y, num_classes=manifest["num_classes"], epochs=e.epochs,
-                                               seed=spec.seed, x_test=xt, y_test=yt)
-        feats, _ = metrics.extract(ext, xt.float() / 255)
-        ref = metrics.reference_stats(feats)
-        ext_bytes, ref_bytes = metrics.save_extractor(ext), ref.to_bytes()
-        storage.write_bytes(ext_uri, ext_bytes)
-        storage.write_bytes(ref_uri, ref_bytes)
-        info = {"test_accuracy": acc, "extractor_sha256": storage.sha256(ext_bytes),
-                "reference_sha256": storage.sha256(ref_bytes), "seconds": time.perf_counter() - t0}
-        storage.write_bytes(info_uri, json.dumps(info).encode())  # last: marks the pair complete
-        print(f"{e.kind} extractor and reference statistics ready in {info['seconds']:.0f}s", flush=True)
-    if info["test_accuracy"] is not None:
-        print(f"extractor test accuracy {info['test_accuracy']:.4f}", flush=True)
-
-    c = MlflowClient(tracking_uri)
-    if info["test_accuracy"] is not None:
-        c.log_metric(run_id, "extractor/test_accuracy", info["test_accuracy"])
-    c.set_tag(run_id, "genpipe.data_hash", data_hash)
-    if "bad" in manifest["source"]:
-        c.log_metric(run_id, "data/bad_images_skipped", manifest["source"]["bad"])
-    c.log_inputs(run_id, [DatasetInput(datasets.lineage(manifest), tags=[
-        InputTag("mlflow.data.context", "training"), InputTag("genpipe.shards", out)])])
-    return {"data": manifest,
-            "extractor": {"uri": ext_uri, "sha256": info["extractor_sha256"], "test_accuracy": info["test_accuracy"]},
-            "reference": {"uri": ref_uri, "sha256": info["reference_sha256"]}}
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipelines.stages")
-    p.add_argument("stage", choices=(*STAGES, "tune"))
+    p.add_argument("stage", choices=tuple(TABLE))
     p.add_argument("--spec", required=True, help="URI of the resolved spec JSON")
     p.add_argument("--run-id", help="MLflow run this stage logs into")
     p.add_argument("--key", help="cache key recorded in the manifest")
@@ -124,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     a = p.parse_args(argv)
     try:
-        for module in STAGE_MODULES[a.stage]:
+        for module in TABLE[a.stage].imports:
             importlib.import_module(module)
         ready_at = time.time()
         if a.go:
@@ -147,15 +138,6 @@ def _process_started_at() -> float:
         return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK"))
     except (OSError, ValueError, IndexError, AttributeError):
         return time.time()
-
-
-# What each stage imports for its work. They are imported before the stage's work is timed, so the
-# orchestration breakdown (benchmarks/orchestration.py) counts every import as start-up, not as work.
-STAGE_MODULES = {"prepare": ("mlflow.tracking", "pipelines.data", "pipelines.metrics"),
-                 "train": ("pipelines.train", "ray.train.torch"),
-                 "tune": ("mlflow.tracking", "pipelines.tune", "ray.tune"),
-                 "evaluate": ("mlflow.tracking", "pipelines.evaluate"),
-                 "register": ("mlflow", "mlflow.tracking", "pipelines.register")}
 
 
 # How often a job that waits for its turn looks for its go file, and how long it waits for the driver's
@@ -188,6 +170,7 @@ def wait_for_go(uri: str) -> list[str]:
 
 
 def _run(a: argparse.Namespace, *, ready_at: float) -> int:
+    from pipelines.config import PipelineSpec
     from pipelines.tracking import tracking_uri
 
     timing = {"process_started_at": _process_started_at(), "ready_at": ready_at, "work_started_at": time.time()}
@@ -200,40 +183,13 @@ def _run(a: argparse.Namespace, *, ready_at: float) -> int:
         # Downstream of a search the best trial is the training run: its spec, checkpoint and MLflow run.
         best = inputs["tune"]["best"]
         spec, inputs["train"], runs["train"] = spec.with_overrides(best["config"]), inputs["tune"], best["run_id"]
-    uri = tracking_uri()
-    stage_dir = storage.join(a.root, spec.name, a.stage)
-    if a.stage == "prepare":
-        outputs = prepare(spec, a.root, a.run_id, uri)
-    elif a.stage == "train":
-        from pipelines import data as datasets
-        from pipelines import train
-
-        # Verify the shards here, where a bad one is a clean exit 2, not a failure inside every worker.
-        datasets.load_split(inputs["prepare"]["data"], "train")
-        ckpt = train.run(spec, inputs["prepare"]["data"], run_id=a.run_id, tracking_uri=uri,
-                         storage_path=stage_dir, name=f"{spec.name}-{a.key}")
-        outputs = {"checkpoint": ckpt}
-    elif a.stage == "tune":
-        from pipelines import tune
-
-        outputs = tune.run(spec, inputs["prepare"], run_id=a.run_id, tracking_uri=uri, storage_path=stage_dir,
-                           key=a.key, resume=a.resume)
-    elif a.stage == "evaluate":
-        from pipelines import evaluate
-
-        outputs = evaluate.run(spec, inputs["prepare"], inputs["train"]["checkpoint"], out_uri=stage_dir,
-                               run_id=a.run_id, tracking_uri=uri)
-        outputs["run_id"] = a.run_id
-    else:
-        from pipelines import register
-
-        outputs = register.run(spec, inputs["prepare"], inputs["train"], inputs["evaluate"], run_id=a.run_id,
-                               runs=runs, tracking_uri=uri,
-                               code_version=code_version())
+    job = StageJob(spec=spec, root=a.root, stage_dir=storage.join(a.root, spec.name, a.stage), inputs=inputs,
+                   runs=runs, run_id=a.run_id, key=a.key, tracking_uri=tracking_uri(), resume=a.resume)
+    outputs = importlib.import_module(TABLE[a.stage].module).stage(job)
     manifest = {"stage": a.stage, "key": a.key, "spec_hash": spec.hash(), "code_version": code_version(),
                 "run_id": a.run_id, "inputs": a.inputs, "outputs": outputs,
                 "timing": timing | {"finished_at": time.time()}}
-    storage.write_bytes(storage.join(stage_dir, "manifest.json"), json.dumps(manifest, indent=2).encode())
+    storage.write_bytes(storage.join(job.stage_dir, "manifest.json"), json.dumps(manifest, indent=2).encode())
     return 0
 
 

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import fcntl
 import os
+import queue
 import signal
+import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
@@ -182,3 +185,69 @@ def _terminate(c: MlflowClient, run_id: str, status: int) -> None:
                                                   "attributes.status = 'RUNNING'")
     for r in [*children, c.get_run(run_id)]:
         c.set_terminated(r.info.run_id, RunStatus.to_string(status))
+
+
+class MetricLogger:
+    """Rank 0's metric log into the train stage's MLflow run (run status stays the driver's).
+
+    A thread of its own imports MLflow, then sends each report, so training never waits on
+    MLflow, from its first step on (the import alone is 4 s of a cold start): when the server
+    is away (restarted, unreachable) the reports queue up and go once it answers again, in
+    order. `close` waits for the queue to drain, up to `drain_s`; a search trial, which Tune
+    may stop at any report, flushes at each one.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, *, skip_logged: bool, drain_s: float = 300):
+        self.tracking_uri, self.run_id, self.skip_logged, self.drain_s = tracking_uri, run_id, skip_logged, drain_s
+        self.queue: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._send_all, name="mlflow-metrics", daemon=True)
+        self.thread.start()
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.queue.put(("metrics", step, int(time.time() * 1000), {k: v for k, v in metrics.items() if k != "step"}))
+
+    def tag(self, key: str, value: str) -> None:
+        self.queue.put(("tag", key, value))
+
+    def _send_all(self) -> None:
+        from mlflow.entities import Metric, RunTag
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(self.tracking_uri)
+        logged_through = None if self.skip_logged else -1  # a restart asks MLflow (below) what it already has
+        while (item := self.queue.get()) is not None:
+            kind, *rest = item
+            delay, warned = 1.0, False
+            while True:
+                try:
+                    if kind == "tag":
+                        client.log_batch(self.run_id, tags=[RunTag(*rest)])
+                    else:
+                        step, ts, metrics = rest
+                        if logged_through is None:  # every report carries img_per_s
+                            logged_through = max((m.step for m in client.get_metric_history(
+                                self.run_id, "train/img_per_s")), default=-1)
+                        if step > logged_through:
+                            client.log_batch(self.run_id, metrics=[Metric(k, v, ts, step) for k, v in metrics.items()])
+                    break
+                except Exception as e:  # noqa: BLE001 - any failure: keep the report, try again
+                    if not warned:
+                        os.write(2, f"MLflow did not take a report ({str(e).splitlines()[0][:200]}); "
+                                    "training goes on, retrying\n".encode())
+                        warned = True
+                    time.sleep(delay)
+                    delay = min(2 * delay, 30.0)
+            if warned:
+                os.write(2, b"MLflow took the report; logging resumed\n")
+            self.queue.task_done()
+
+    def flush(self) -> None:
+        """Wait until every report so far is in MLflow."""
+        self.queue.join()
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join(self.drain_s)
+        if self.thread.is_alive():
+            os.write(2, f"{self.queue.qsize()} metric reports did not reach MLflow in {self.drain_s:.0f} s; "
+                        "they are lost (the checkpoints are not)\n".encode())

@@ -1,10 +1,10 @@
 """The train stage: Ray Train runs `train_loop` on every DDP worker.
 
-Each worker holds its shard of the training split in memory and draws
-batches by step number, so where training stands is one integer. Randomness
-is a function of (seed, rank, step) — reseeded every step — so a run resumed
-from a checkpoint at step k continues exactly as the uninterrupted run would
-have, with no RNG state to save. Checkpoints hold the weights (safetensors),
+Each worker holds its shard of the training split in memory and runs the
+step-indexed loop of `pipelines.steps`, so where training stands is one
+integer and a run resumed from a checkpoint at step k continues exactly as
+the uninterrupted run would have. Rank 0 logs to MLflow through
+`tracking.MetricLogger`. Checkpoints hold the weights (safetensors),
 optimizer states and the step; Ray Train writes them atomically to storage,
 keeps `num_to_keep`, and hands the latest back to a re-run with the same
 name (and to workers restarted after a failure).
@@ -13,17 +13,13 @@ name (and to workers restarted after a failure).
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import os
-import queue
 import tempfile
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -31,68 +27,12 @@ from torch import Tensor
 
 from gen_models import registry
 from gen_models.base import GenerativeModel, StepContext
-from pipelines import checkpoints, storage
+from pipelines import checkpoints, ray_internals, storage, tracking
 from pipelines import data as datasets
 from pipelines.config import PipelineSpec
 from pipelines.errors import InvalidInput
-
-
-class StepBatches:
-    """Batch `step` of an endless, epoch-wise shuffled pass over the data.
-
-    The global batch at a step is the same whatever the world size; rank r
-    takes its r-th contiguous slice. So 2 workers x b see exactly what
-    1 worker x 2b sees.
-    """
-
-    def __init__(self, x: Tensor, y: Tensor, *, global_batch: int, seed: int, rank: int, world: int,
-                 memory_format: torch.memory_format = torch.contiguous_format):
-        self.x, self.y = x, y
-        self.memory_format = memory_format
-        self.n = len(x)
-        self.global_batch, self.seed, self.rank, self.world = global_batch, seed, rank, world
-        self.local = global_batch // world
-        self._perms: dict[int, Tensor] = {}
-
-    def _perm(self, epoch: int) -> Tensor:
-        if epoch not in self._perms:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            # On the data's device: indexing a GPU tensor with CPU indices would copy
-            # them over synchronously every step, stalling the launch queue.
-            self._perms = {epoch: torch.randperm(self.n, generator=g).to(self.x.device)}  # one epoch at a time
-        return self._perms[epoch]
-
-    def indices(self, step: int) -> Tensor:
-        # Slices of cached permutations, not per-element arithmetic: this runs every step.
-        pos, left, parts = step * self.global_batch + self.rank * self.local, self.local, []
-        while left:  # at most two epochs meet in one batch
-            epoch, offset = divmod(pos, self.n)
-            take = min(left, self.n - offset)
-            parts.append(self._perm(epoch)[offset:offset + take])
-            pos, left = pos + take, left - take
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-    def batch(self, step: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        idx = self.indices(step)
-        x = self.x[idx].to(device, non_blocking=True).float().div_(255)
-        return x.contiguous(memory_format=self.memory_format), self.y[idx].to(device, non_blocking=True)
-
-
-def step_seed(seed: int, rank: int, step: int) -> int:
-    """A seed per (seed, rank, step), hashed so no two ranks' streams ever coincide."""
-    return int.from_bytes(hashlib.blake2b(f"{seed}:{rank}:{step}".encode(), digest_size=8).digest(), "little") >> 1
-
-
-def seed_step(seed: int, device: torch.device) -> None:
-    """Reseed the generators a step draws from: the CPU's and, on a GPU, that device's.
-
-    Not `torch.manual_seed`: it seeds every backend, and while CUDA is uninitialised it queues
-    each seeding with a formatted stack trace, about 150 us a call on this VM's CPU, paid every step.
-    """
-    torch.default_generator.manual_seed(seed)
-    if device.type == "cuda":
-        torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()
-                                      ].manual_seed(seed)
+from pipelines.stages import StageJob
+from pipelines.steps import StepBatches, run_steps
 
 
 def _average_buffers(model: GenerativeModel) -> None:
@@ -212,7 +152,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
                           memory_format=memory_format)
     # A restart recomputes, bit for bit, the steps between its checkpoint and the failure: those already
     # in MLflow are not logged twice.
-    logger = _MetricLogger(cfg["tracking_uri"], cfg["run_id"], skip_logged=bool(restarted)) if rank == 0 else None
+    logger = tracking.MetricLogger(cfg["tracking_uri"], cfg["run_id"], skip_logged=bool(restarted)) if rank == 0 else None
     nodes = [None] * world
     dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     if logger:
@@ -289,95 +229,12 @@ def train_loop(cfg: dict[str, Any]) -> None:
             logger.close()
 
 
-def run_steps(model: GenerativeModel, ctx: StepContext, batches: StepBatches, *, start: int, stop: int,
-              seed: int, device: torch.device, report_due) -> Iterator[tuple[int, dict[str, float]]]:
-    """The hot loop: steps `start`..`stop`, yielding (step, window means + img/s) when `report_due(step)`.
-
-    A step's metrics (detached tensors) are only kept; they are averaged at the
-    report, so no step waits on a host sync or launches kernels of its own. Time
-    spent by the consumer between yields is not counted in img_per_s.
-    """
-    model.train()
-    window: list[dict] = []
-    t0 = time.perf_counter()
-    for step in range(start, stop):
-        seed_step(step_seed(seed, batches.rank, step), device)
-        ctx.step = step
-        with ctx.autocast():
-            out = model.training_step(batches.batch(step, device), ctx)
-        model.on_step_end(step + 1)
-        window.append(out)
-        if report_due(step + 1):
-            metrics = {k: float(sum(o[k] for o in window)) / len(window) for k in window[0]}
-            metrics["img_per_s"] = batches.global_batch * len(window) / (time.perf_counter() - t0)
-            yield step + 1, metrics
-            window, t0 = [], time.perf_counter()
-
-
-class _MetricLogger:
-    """Rank 0's metric log into the train stage's MLflow run (run status stays the driver's).
-
-    A thread of its own imports MLflow, then sends each report, so training never waits on
-    MLflow, from its first step on (the import alone is 4 s of a cold start): when the server
-    is away (restarted, unreachable) the reports queue up and go once it answers again, in
-    order. `close` waits for the queue to drain, up to `drain_s`; a search trial, which Tune
-    may stop at any report, flushes at each one.
-    """
-
-    def __init__(self, tracking_uri: str, run_id: str, *, skip_logged: bool, drain_s: float = 300):
-        self.tracking_uri, self.run_id, self.skip_logged, self.drain_s = tracking_uri, run_id, skip_logged, drain_s
-        self.queue: queue.Queue = queue.Queue()
-        self.thread = threading.Thread(target=self._send_all, name="mlflow-metrics", daemon=True)
-        self.thread.start()
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        self.queue.put(("metrics", step, int(time.time() * 1000), {k: v for k, v in metrics.items() if k != "step"}))
-
-    def tag(self, key: str, value: str) -> None:
-        self.queue.put(("tag", key, value))
-
-    def _send_all(self) -> None:
-        from mlflow.entities import Metric, RunTag
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(self.tracking_uri)
-        logged_through = None if self.skip_logged else -1  # a restart asks MLflow (below) what it already has
-        while (item := self.queue.get()) is not None:
-            kind, *rest = item
-            delay, warned = 1.0, False
-            while True:
-                try:
-                    if kind == "tag":
-                        client.log_batch(self.run_id, tags=[RunTag(*rest)])
-                    else:
-                        step, ts, metrics = rest
-                        if logged_through is None:  # every report carries img_per_s
-                            logged_through = max((m.step for m in client.get_metric_history(
-                                self.run_id, "train/img_per_s")), default=-1)
-                        if step > logged_through:
-                            client.log_batch(self.run_id, metrics=[Metric(k, v, ts, step) for k, v in metrics.items()])
-                    break
-                except Exception as e:  # noqa: BLE001 - any failure: keep the report, try again
-                    if not warned:
-                        os.write(2, f"MLflow did not take a report ({str(e).splitlines()[0][:200]}); "
-                                    "training goes on, retrying\n".encode())
-                        warned = True
-                    time.sleep(delay)
-                    delay = min(2 * delay, 30.0)
-            if warned:
-                os.write(2, b"MLflow took the report; logging resumed\n")
-            self.queue.task_done()
-
-    def flush(self) -> None:
-        """Wait until every report so far is in MLflow."""
-        self.queue.join()
-
-    def close(self) -> None:
-        self.queue.put(None)
-        self.thread.join(self.drain_s)
-        if self.thread.is_alive():
-            os.write(2, f"{self.queue.qsize()} metric reports did not reach MLflow in {self.drain_s:.0f} s; "
-                        "they are lost (the checkpoints are not)\n".encode())
+def stage(job: StageJob) -> dict:
+    # Verify the shards here, where a bad one is a clean exit 2, not a failure inside every worker.
+    datasets.load_split(job.inputs["prepare"]["data"], "train")
+    return {"checkpoint": run(job.spec, job.inputs["prepare"]["data"], run_id=job.run_id,
+                              tracking_uri=job.tracking_uri, storage_path=job.stage_dir,
+                              name=f"{job.spec.name}-{job.key}")}
 
 
 def run(spec: PipelineSpec, data_manifest: dict, *, run_id: str, tracking_uri: str,
@@ -390,12 +247,7 @@ def run(spec: PipelineSpec, data_manifest: dict, *, run_id: str, tracking_uri: s
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    # Train's controller takes a report off a worker's one-slot result queue only when it polls the
-    # workers, every 2 s by default: a worker that reports more often than that blocks in each
-    # `ray.train.report` until the next poll (1.6 s a report on the smoke spec), and the end of a run
-    # is seen up to 2 s late. A poll is one small actor call per worker. Set before `fit`, which hands
-    # the variable on to the controller; a value in the environment wins.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+    ray_internals.poll_train_workers_often()
     fs, path = storage.ray_storage(storage_path)
     trainer = TorchTrainer(
         train_loop,

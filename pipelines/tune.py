@@ -35,10 +35,11 @@ import torch
 
 from gen_models import registry
 from gen_models.base import GenerativeModel
-from pipelines import checkpoints, metrics, storage, tracking, train
+from pipelines import checkpoints, metrics, ray_internals, storage, tracking, train
 from pipelines import data as datasets
 from pipelines.config import PipelineSpec
 from pipelines.errors import InvalidInput, StageFailed
+from pipelines.stages import StageJob
 
 TRIAL_TAG = "genpipe.trial_id"
 BEST_TAG = "genpipe.best_trial"
@@ -106,52 +107,16 @@ class Validation:
         return {f"val/{self.metric}": value if math.isfinite(value) else math.inf}
 
 
-# The Train controller of the trial running in this process (a trial actor runs one trial at a time).
-_controller = None
-
-
 def _train_callbacks(queue):
-    """Train callbacks that hand the trial's actor a handle on the Train controller when the run starts,
-    then each report (rank 0's metrics, the checkpoint)."""
-    import ray
+    """Train callbacks that hand the trial's actor a handle on the Train controller when the run starts
+    (see ray_internals.AbortTrainRunOnStop), then each report (rank 0's metrics, the checkpoint)."""
     from ray.train import UserCallback
-    from ray.train.v2._internal.execution.callback import ControllerCallback
-
-    # Internal hook (Train passes RunConfig callbacks that are not UserCallbacks to the controller as they
-    # are, "so custom workarounds built on internal callbacks work"); Ray is pinned to one version.
-    class AnnounceController(ControllerCallback):
-        def after_controller_start(self, train_run_context):
-            queue.put(("controller", ray.get_runtime_context().current_actor))
 
     class ForwardReports(UserCallback):
         def after_report(self, run_context, metrics, checkpoint):
             queue.put(("report", metrics[0], checkpoint))
 
-    return [AnnounceController(), ForwardReports()]
-
-
-class _AbortTrainRunOnStop:
-    """Mixed into the trial's Tune trainable: when Tune stops or pauses the trial (an ASHA cut, a PBT
-    exploit, the time budget, the end of the search), abort its Train run before Tune goes on.
-
-    Right after a trial's `stop` Tune removes the trial's placement group, and Ray destroys every actor in
-    it: the Train controller too, which then never releases its workers' placement group. Those CPUs
-    (GPUs) stay reserved for the rest of the search and the next trials wait for them forever. Aborting
-    first is what Train's own Ctrl-C handler does: the controller shuts its workers down and removes the
-    placement group.
-    """
-
-    def cleanup(self):
-        global _controller
-        if _controller is not None:
-            import ray
-
-            try:
-                ray.get(_controller.abort.remote(), timeout=60)
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                pass  # abort ends the controller's process, so the call never returns a value
-            _controller = None
-        super().cleanup()
+    return [ray_internals.announce_controller(queue), ForwardReports()]
 
 
 STARTS_TAG = "genpipe.starts"
@@ -170,7 +135,6 @@ def _record_start(c, run_id: str, step: int, checkpoint: str) -> None:
 def trial(config: dict[str, Any], *, spec: dict, prepared: dict, parent_run: str, tracking_uri: str,
           storage_path: str, key: str) -> None:
     """One trial (runs in its Tune actor): a Train run of the spec with `config`'s dotted fields set."""
-    global _controller
     import ray.tune
     from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
@@ -215,11 +179,11 @@ def trial(config: dict[str, Any], *, spec: dict, prepared: dict, parent_run: str
     threading.Thread(target=fit, daemon=True).start()
     while (item := queue.get()) is not None:
         if item[0] == "controller":
-            _controller = item[1]
+            ray_internals.trial_controller = item[1]
         else:
             ray.tune.report(item[1], checkpoint=item[2])  # returns once Tune wants the next report
             pace.put(True)
-    _controller = None  # the run has ended on its own
+    ray_internals.trial_controller = None  # the run has ended on its own
     if failure:
         raise failure[0]
 
@@ -303,6 +267,11 @@ def _search(spec: PipelineSpec):
     return None
 
 
+def stage(job: StageJob) -> dict:
+    return run(job.spec, job.inputs["prepare"], run_id=job.run_id, tracking_uri=job.tracking_uri,
+               storage_path=job.stage_dir, key=job.key, resume=job.resume)
+
+
 def run(spec: PipelineSpec, prepared: dict, *, run_id: str, tracking_uri: str, storage_path: str, key: str,
         resume: bool) -> dict:
     """Search; log the trials table; return the best trial's checkpoint, config and metric."""
@@ -318,7 +287,7 @@ def run(spec: PipelineSpec, prepared: dict, *, run_id: str, tracking_uri: str, s
     t = spec.tune
     trainable = tune.with_parameters(trial, spec=spec.to_dict(), prepared=prepared, parent_run=run_id,
                                      tracking_uri=tracking_uri, storage_path=storage_path, key=key)
-    trainable.__mixins__ = (_AbortTrainRunOnStop,)  # Tune's hook for adding to a function trainable's class
+    ray_internals.abort_train_run_on_stop(trainable)
     trainable = tune.with_resources(
         trainable,
         # The trial actor only drives its Train run, whose workers reserve the CPUs (GPUs): a trial actor

@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gen_models import registry
 from gen_models.base import StepContext
-from pipelines.train import StepBatches, run_steps
+from pipelines.steps import StepBatches, run_steps
 
 pytestmark = pytest.mark.integration
 

@@ -74,3 +74,9 @@ def test_served_model_requirements_are_the_installed_pins_pyproject_allows():
         assert spec.operator == "==" and spec.version == version(pin.name).split("+")[0], pin
         assert pin.name in declared() and declared()[pin.name].specifier.contains(spec.version), \
             f"{pin} is outside pyproject.toml's {declared().get(pin.name)}"
+
+
+def test_ray_internals_are_checked_against_the_ray_pyproject_pins():
+    from pipelines import ray_internals
+
+    assert str(declared()["ray"].specifier) == f"=={ray_internals.RAY_VERSION}"

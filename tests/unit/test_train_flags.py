@@ -14,7 +14,7 @@ from torch import nn
 
 from gen_models.base import GenerativeModel, StepContext
 from gen_models.registry import FAMILIES
-from pipelines.train import StepBatches, run_steps
+from pipelines.steps import StepBatches, run_steps
 from tests.unit.test_contract import make
 
 CPU = torch.device("cpu")

@@ -3,7 +3,7 @@
 import torch
 
 from gen_models.base import StepContext
-from pipelines.train import StepBatches, seed_step, step_seed
+from pipelines.steps import StepBatches, seed_step, step_seed
 
 
 def _batches(world: int, rank: int, n: int = 50, batch: int = 8) -> StepBatches:

@@ -1,0 +1,81 @@
+"""The prepare stage: the data source -> content-hashed shards, then the FID extractor and reference
+statistics, fitted (or loaded, for Inception) once per data hash."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from pipelines import storage
+from pipelines.config import PipelineSpec
+from pipelines.errors import InvalidInput
+from pipelines.stages import StageJob
+
+
+def stage(job: StageJob) -> dict:
+    return prepare(job.spec, job.root, job.run_id, job.tracking_uri)
+
+
+def prepare(spec: PipelineSpec, root: str, run_id: str, tracking_uri: str) -> dict:
+    """Source -> shards (content-hashed); extractor and reference statistics once per data hash."""
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.tracking import MlflowClient
+
+    from pipelines import data as datasets
+    from pipelines import metrics
+
+    d = spec.data
+    out = storage.join(root, "datasets", f"{d.source}-{spec.hash('data', 'seed')}")
+    manifest = datasets.prepare(d, seed=spec.seed, out_uri=out)
+    data_hash = manifest["data_hash"]
+
+    e = spec.extractor
+    if e.kind == "classifier" and manifest["num_classes"] < 2:  # an image folder's labels name one class
+        raise InvalidInput(f"extractor.kind classifier is fitted on labels, and those of {d.uri} name one class: "
+                           "label at least two, or use extractor.kind inception with extractor.weights_uri")
+    if e.kind == "inception":
+        try:
+            weights = storage.read_bytes(e.weights_uri)
+        except (FileNotFoundError, IsADirectoryError):
+            raise InvalidInput(f"extractor.weights_uri {e.weights_uri} does not exist (Inception weights are "
+                               "never downloaded: put torchvision's inception_v3 weights there)") from None
+        ext_dir = storage.join(root, "extractors", f"{data_hash[:32]}-inception-{storage.sha256(weights)[:16]}")
+    else:
+        ext_dir = storage.join(root, "extractors", f"{data_hash[:32]}-e{e.epochs}")
+    ext_uri, ref_uri, info_uri = (storage.join(ext_dir, n) for n in ("extractor.safetensors", "reference.npz",
+                                                                      "extractor.json"))
+    if storage.exists(info_uri):
+        info = json.loads(storage.read_bytes(info_uri))
+        print(f"{e.kind} extractor for data {data_hash[:12]} already there", flush=True)
+    else:
+        xt, yt = datasets.load_split(manifest, "test")
+        t0 = time.perf_counter()
+        if e.kind == "inception":
+            ext, acc = metrics.inception_from_weights(weights, e.weights_uri), None  # ImageNet classes: no accuracy
+        else:
+            x, y = datasets.load_split(manifest, "train")
+            ext, acc = metrics.train_extractor(x, y, num_classes=manifest["num_classes"], epochs=e.epochs,
+                                               seed=spec.seed, x_test=xt, y_test=yt)
+        feats, _ = metrics.extract(ext, xt.float() / 255)
+        ref = metrics.reference_stats(feats)
+        ext_bytes, ref_bytes = metrics.save_extractor(ext), ref.to_bytes()
+        storage.write_bytes(ext_uri, ext_bytes)
+        storage.write_bytes(ref_uri, ref_bytes)
+        info = {"test_accuracy": acc, "extractor_sha256": storage.sha256(ext_bytes),
+                "reference_sha256": storage.sha256(ref_bytes), "seconds": time.perf_counter() - t0}
+        storage.write_bytes(info_uri, json.dumps(info).encode())  # last: marks the pair complete
+        print(f"{e.kind} extractor and reference statistics ready in {info['seconds']:.0f}s", flush=True)
+    if info["test_accuracy"] is not None:
+        print(f"extractor test accuracy {info['test_accuracy']:.4f}", flush=True)
+
+    c = MlflowClient(tracking_uri)
+    if info["test_accuracy"] is not None:
+        c.log_metric(run_id, "extractor/test_accuracy", info["test_accuracy"])
+    c.set_tag(run_id, "genpipe.data_hash", data_hash)
+    if "bad" in manifest["source"]:
+        c.log_metric(run_id, "data/bad_images_skipped", manifest["source"]["bad"])
+    c.log_inputs(run_id, [DatasetInput(datasets.lineage(manifest), tags=[
+        InputTag("mlflow.data.context", "training"), InputTag("genpipe.shards", out)])])
+    return {"data": manifest,
+            "extractor": {"uri": ext_uri, "sha256": info["extractor_sha256"], "test_accuracy": info["test_accuracy"]},
+            "reference": {"uri": ref_uri, "sha256": info["reference_sha256"]}}
