@@ -35,7 +35,7 @@ def main() -> None:
     p.add_argument("--config", default="jobs/demo.yaml")
     p.add_argument("--set", action="append", default=[], dest="sets", metavar="KEY=VALUE")
     p.add_argument("--warm", action="store_true",
-                   help="then run it again under another name on the same head (no stage cached) and report both")
+                   help="then run it again under another name on the same head, nothing cached, and report both")
     a = p.parse_args()
 
     from pipelines.cluster import stop_local_head
@@ -46,8 +46,11 @@ def main() -> None:
     env["GENPIPE_HOME"] = str(home)
     os.environ["GENPIPE_HOME"] = str(home)
     try:
-        for run, sets in [("cold", a.sets), *([("warm", [*a.sets, f"name={load(REPO / a.config, a.sets).name}-warm"])]
-                                               if a.warm else [])]:
+        # Under another name and with another shard size: the data must be prepared again (pipelines on the
+        # same data share one prepare), and its extractor is found by the data's content hash.
+        spec = load(REPO / a.config, a.sets)
+        warm = [*a.sets, f"name={spec.name}-warm", f"data.shard_size={spec.data.shard_size - 1}"]
+        for run, sets in [("cold", a.sets), *([("warm", warm)] if a.warm else [])]:
             print(f"== {run} head: {a.config} {' '.join(sets)}")
             measure(home, env, a.config, sets, run)
     finally:

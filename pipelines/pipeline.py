@@ -5,6 +5,10 @@ and every run's final status. A stage whose manifest already carries the key
 the driver computes for it is skipped, so re-running a failed or interrupted
 pipeline continues where it stopped; the train stage then resumes from its
 latest checkpoint.
+
+Prepare's key covers only the data, extractor and seed sections, not the
+pipeline's name: a pipeline whose data another pipeline on the same storage
+has prepared reuses it, without a Ray job (see `_reuse_prepared`).
 """
 
 from __future__ import annotations
@@ -21,11 +25,7 @@ from pipelines.cluster import Ahead, Cluster, resolve_address
 from pipelines.cluster import target as cluster_target
 from pipelines.config import PipelineSpec
 from pipelines.errors import InvalidInput
-from pipelines.stages import STAGES
-
-# What each stage's key covers, beyond the keys of the stages before it.
-STAGE_SECTIONS = {"prepare": ("data", "extractor", "seed"), "train": ("model", "train"),
-                  "tune": ("model", "train", "tune"), "evaluate": ("evaluate",), "register": ("registry",)}
+from pipelines.stages import STAGES, TABLE
 
 
 def stages_of(spec: PipelineSpec) -> tuple[str, ...]:
@@ -38,7 +38,7 @@ def stage_key(spec: PipelineSpec, stage: str, previous_key: str, inputs: dict) -
     data_hash = inputs.get("prepare", {}).get("data", {}).get("data_hash", "")
     # The files of an image folder change under an unchanged spec: prepare's key follows them too.
     source = images.fingerprint(spec.data.uri, spec.data.labels) if stage == "prepare" and spec.data.uri else ""
-    h = hashlib.sha256(f"{previous_key}|{spec.hash(*STAGE_SECTIONS[stage])}|{data_hash}{source}".encode())
+    h = hashlib.sha256(f"{previous_key}|{spec.hash(*TABLE[stage].sections)}|{data_hash}{source}".encode())
     return h.hexdigest()[:16]
 
 
@@ -95,7 +95,7 @@ def run(spec: PipelineSpec, *, until: str = "register", address: str | None = No
         # head answers, while this thread's caller imports MLflow (2-4 s) and opens the run tree. A cluster
         # named by --address gets no job before the tracking server has taken the credentials.
         cluster = Cluster(resolve_address(given, log=echo)[0], log=echo)
-        first = ahead(_first_to_run(spec, todo, manifests)) if given is None else None
+        first = ahead(_first_to_run(spec, todo, manifests, root)) if given is None else None
         if first is not None:
             cluster.prestart(first, env=env)
         return cluster
@@ -122,6 +122,9 @@ def run(spec: PipelineSpec, *, until: str = "register", address: str | None = No
                 done = _read_manifest(manifests[i])
                 if done and done["key"] == key:
                     echo(f"[{stage}] cached: {manifests[i]}")
+                elif stage == "prepare" and (done := _reuse_prepared(c, exp, parent, spec.name, key, root,
+                                                                      manifests[i])):
+                    echo(f"[{stage}] cached: prepared by run {done['prepared_by']} ({_prepared_uri(root, key)})")
                 else:
                     run_id = tracking.open_run(c, exp, name=f"{spec.name}/{stage}", key=key, parent_id=parent)
                     with tracking.run_status(c, run_id):
@@ -131,6 +134,8 @@ def run(spec: PipelineSpec, *, until: str = "register", address: str | None = No
                     done = _read_manifest(manifests[i])
                     if not done or done["key"] != key:
                         raise RuntimeError(f"stage {stage} finished without writing {manifests[i]}")
+                    if stage == "prepare":
+                        storage.write_bytes(_prepared_uri(root, key), json.dumps(done, indent=2).encode())
                 runs[stage] = done["run_id"]
                 outputs[stage] = done["outputs"]
     finally:
@@ -149,16 +154,53 @@ def run(spec: PipelineSpec, *, until: str = "register", address: str | None = No
     return result
 
 
-def _first_to_run(spec: PipelineSpec, todo: tuple[str, ...], manifests: list[str]) -> int:
+def _first_to_run(spec: PipelineSpec, todo: tuple[str, ...], manifests: list[str], root: str) -> int:
     """The index of the first stage with no manifest for its key yet (len(todo) when every one has one)."""
     key, outputs = "", {}
     for i, stage in enumerate(todo):
         key = stage_key(spec, stage, key, outputs)
-        done = _read_manifest(manifests[i])
+        done = _read_manifest(manifests[i]) or (_read_manifest(_prepared_uri(root, key)) if stage == "prepare"
+                                                else None)
         if not done or done["key"] != key:
             return i
         outputs[stage] = done["outputs"]
     return len(todo)
+
+
+def _prepared_uri(root: str, key: str) -> str:
+    """Where the manifest of the prepare stage with this key is kept for every pipeline on `root`."""
+    return storage.join(root, "prepared", f"{key}.json")
+
+
+def _reuse_prepared(c, exp: str, parent: str, name: str, key: str, root: str, manifest_uri: str) -> dict | None:
+    """Record data another pipeline prepared as this pipeline's prepare stage: a finished run that carries
+    the same dataset input, data hash and extractor accuracy, and names the run that did the work. None
+    (prepare runs as a job) when no pipeline on `root` has prepared this key, or the run that did is not
+    in this tracking store (another MLflow server, or deleted): a prepare run must point at one there.
+
+    The shards and the extractor are content-addressed (`datasets/`, `extractors/`), so there is nothing to
+    copy, and a job would only re-derive them: on the digits that is a Ray job of 5 s CPU that writes the same
+    bytes again."""
+    from mlflow.exceptions import MlflowException
+
+    shared = _read_manifest(_prepared_uri(root, key))
+    if shared is None:
+        return None
+    try:
+        source = c.get_run(shared["run_id"])
+    except MlflowException:
+        return None
+    run_id = tracking.open_run(c, exp, name=f"{name}/prepare", key=key, parent_id=parent,
+                               tags={"genpipe.prepared_by": shared["run_id"]})
+    with tracking.run_status(c, run_id):
+        c.set_tag(run_id, "genpipe.data_hash", shared["outputs"]["data"]["data_hash"])
+        if (accuracy := shared["outputs"]["extractor"]["test_accuracy"]) is not None:
+            c.log_metric(run_id, "extractor/test_accuracy", accuracy)
+        if source.inputs and source.inputs.dataset_inputs:
+            c.log_inputs(run_id, source.inputs.dataset_inputs)
+    done = {k: v for k, v in shared.items() if k != "timing"} | {"run_id": run_id, "prepared_by": shared["run_id"]}
+    storage.write_bytes(manifest_uri, json.dumps(done, indent=2).encode())
+    return done
 
 
 def _read_manifest(uri: str) -> dict | None:

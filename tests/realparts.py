@@ -138,22 +138,36 @@ def committed_checkpoint(train_dir: Path) -> bool:
     """Whether Ray Train has committed a checkpoint under a train stage's directory: it counts one only
     once its controller has written it into the manager snapshot; the files land earlier, and a run
     cut in between restarts from 0."""
+    return committed_step(train_dir) > 0
+
+
+def committed_step(train_dir: Path) -> int:
+    """The step of the latest checkpoint Ray Train has committed under a train stage's directory; 0: none."""
+    step = 0
     for snapshot in train_dir.glob("*/checkpoint_manager_snapshot.json"):
         try:
-            if json.loads(snapshot.read_text()).get("latest_checkpoint_result"):
-                return True
+            latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
         except json.JSONDecodeError:  # caught mid-write
-            pass
-    return False
+            continue
+        if latest:
+            step = max(step, int(latest["metrics"]["step"]))
+    return step
 
 
-def reserved_placement_groups(home: dict) -> list[dict]:
-    """The placement groups that still reserve resources on the session's head, through Ray's state CLI."""
+def reserved_placement_groups(home: dict, *, within: float = 0) -> list[dict]:
+    """The placement groups that still reserve resources on the session's head, through Ray's state CLI;
+    waiting up to `within` seconds for there to be none (Train's PlacementGroupCleaner, which frees the
+    placement group of a stopped trial's workers, looks about once a second)."""
     ray = str(Path(sys.executable).with_name("ray"))
-    r = subprocess.run([ray, "list", "placement-groups", "--address", home["address"], "--filter", "state!=REMOVED",
-                        "--format", "json"], env={**home["env"], "RAY_AUTH_MODE": "token"}, capture_output=True,
-                       text=True, check=True)
-    return [] if r.stdout.startswith("No resource") else json.loads(r.stdout)  # how it says "none"
+    deadline = time.monotonic() + within
+    while True:
+        r = subprocess.run([ray, "list", "placement-groups", "--address", home["address"], "--filter",
+                            "state!=REMOVED", "--format", "json"], env={**home["env"], "RAY_AUTH_MODE": "token"},
+                           capture_output=True, text=True, check=True)
+        reserved = [] if r.stdout.startswith("No resource") else json.loads(r.stdout)  # how it says "none"
+        if not reserved or time.monotonic() > deadline:
+            return reserved
+        time.sleep(1)
 
 
 # -- A cluster like the one in infra/k8s, on this machine: PostgreSQL, an MLflow server on it with

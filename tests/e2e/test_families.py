@@ -1,7 +1,9 @@
-"""Every family's job spec through `genpipe pipeline` to a registered model
-version: a real Ray head, MLflow on sqlite, the digits. Each family trains
-(its contract-suite `tiny()` config, one worker, a few steps), is evaluated
-and registered for real; the learning tests are where they must learn.
+"""Every family through `genpipe pipeline` to a registered model version: a
+real Ray head, MLflow on sqlite, the digits. Each family's job spec trains (its
+contract-suite `tiny()` config, one worker, a few steps), is evaluated and
+registered for real; the learning tests are where they must learn. The three
+families the registry review trains (tests/e2e/reviewed.py: cgan, pixelcnn,
+ddpm) are checked on those pipelines instead of running a second one each.
 
 They run three at a time on a GENPIPE_HOME of their own, with no head and no
 database yet, so the first three start at the same moment, as three users'
@@ -21,6 +23,7 @@ from mlflow.tracking import MlflowClient
 
 from gen_models import registry
 from pipelines import config
+from tests.e2e.reviewed import PIPELINES as REVIEWED
 from tests.realparts import DIGITS, genpipe, home_env, last_json
 
 pytestmark = pytest.mark.integration
@@ -61,7 +64,10 @@ def pipelines(fresh_home) -> dict:
             return e
 
     with ThreadPoolExecutor(AT_A_TIME) as pool:  # the first AT_A_TIME start at the same moment
-        return dict(zip(registry.FAMILIES, pool.map(run, registry.FAMILIES)))
+        return dict(zip(OWN, pool.map(run, OWN)))
+
+
+OWN = [f for f in registry.FAMILIES if f not in REVIEWED]  # the families with a pipeline of their own here
 
 
 def _client(home) -> MlflowClient:
@@ -70,22 +76,27 @@ def _client(home) -> MlflowClient:
 
 
 @pytest.mark.parametrize("family", list(registry.FAMILIES))
-def test_family_spec_trains_evaluates_registers(family, fresh_home, pipelines):
-    spec = f"jobs/{family}.yaml"
-    r = pipelines[family]
+def test_family_trains_evaluates_registers(family, request):
+    if family in REVIEWED:  # trained for the registry review: reg-digits v1 (cgan), v2 (ddpm), reg-pixelcnn v1
+        reviewed, home = request.getfixturevalue("reviewed"), request.getfixturevalue("home")
+        r, steps = reviewed["runs"][family], 60
+        args = dict(a.split("=", 1) for a in REVIEWED[family][1::2])
+        name, number = args["registry.model_name"], 2 if family == "ddpm" else 1
+    else:
+        r, home, steps = request.getfixturevalue("pipelines")[family], request.getfixturevalue("fresh_home"), STEPS
+        name, number = config.load(f"jobs/{family}.yaml").model_name, 1
     if isinstance(r, Exception):
         raise r
     assert r.returncode == 0, r.stderr[-3000:]
     out = last_json(r.stdout)
-    name = config.load(spec).model_name
-    assert out["model"] == name and out["version"] == 1
-    assert f"step {STEPS}/{STEPS}" in r.stderr
+    assert out["model"] == name and out["version"] == number
+    assert f"step {steps}/{steps}" in r.stderr
 
-    c = _client(fresh_home)
+    c = _client(home)
     for stage in ("train", "evaluate", "register"):
         assert c.get_run(out["runs"][stage]).info.status == "FINISHED", stage
     assert c.get_run(out["runs"]["train"]).data.metrics["train/img_per_s"] > 0
-    version = c.get_model_version(name, "1")
+    version = c.get_model_version(name, str(number))
     assert version.run_id == out["runs"]["register"]
     tags = version.tags
     assert tags["family"] == family
@@ -96,7 +107,7 @@ def test_family_spec_trains_evaluates_registers(family, fresh_home, pipelines):
 
 
 def test_pipelines_started_at_once_share_one_head_and_database(fresh_home, pipelines):
-    first = [pipelines[f] for f in list(registry.FAMILIES)[:AT_A_TIME]]
+    first = [pipelines[f] for f in OWN[:AT_A_TIME]]
     for r in first:
         if isinstance(r, Exception):
             raise r
@@ -108,8 +119,18 @@ def test_pipelines_started_at_once_share_one_head_and_database(fresh_home, pipel
     assert len(heads) == 1, heads
     c = _client(fresh_home)
     runs = c.search_runs([e.experiment_id for e in c.search_experiments()], max_results=1000)
-    assert len(runs) == 5 * len(registry.FAMILIES)  # a pipeline run and four stage runs each
+    assert len(runs) == 5 * len(OWN)  # a pipeline run and four stage runs each
     assert {r.info.status for r in runs} == {"FINISHED"}
+    # The digits, prepared by the first pipelines, are the later ones' prepare stage: no job, a run of its
+    # own that names the run that did the work and carries the same dataset input.
+    later = [f for f in OWN[AT_A_TIME:] if not isinstance(pipelines[f], Exception)]
+    assert later and all("[prepare] cached: prepared by run" in pipelines[f].stderr for f in later)
+    prepare = c.get_run(last_json(pipelines[later[-1]].stdout)["runs"]["prepare"])
+    origin = c.get_run(prepare.data.tags["genpipe.prepared_by"])
+    assert origin.data.tags["mlflow.runName"].endswith("/prepare") and origin.info.run_id != prepare.info.run_id
+    assert prepare.data.tags["genpipe.data_hash"] == origin.data.tags["genpipe.data_hash"]
+    assert [d.dataset.digest for d in prepare.inputs.dataset_inputs] == \
+        [d.dataset.digest for d in origin.inputs.dataset_inputs] != []
 
 
 def test_head_status_then_stop(fresh_home, pipelines):

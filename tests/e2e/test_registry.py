@@ -2,7 +2,8 @@
 DDPM) on digits through the CLI, then gates, aliases, `genpipe models`,
 `genpipe sample` and a real `mlflow models serve` answering HTTP on 127.0.0.1.
 
-The pipelines run once, in one module fixture; every test reads their result.
+The pipelines run once, in the session fixture `reviewed` (tests/e2e/reviewed.py);
+every test reads their result.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from gen_models import registry
@@ -27,6 +27,7 @@ from pipelines import config, data, metrics, storage
 from pipelines.evaluate import bits_per_dim, draw
 from pipelines.sampling import chunks
 from pipelines.serving import MAX_N
+from tests.e2e.reviewed import spec_args
 from tests.realparts import (
     DIGITS,
     REPO,
@@ -43,41 +44,6 @@ from tests.realparts import (
 pytestmark = pytest.mark.integration
 
 CHAMPION = "models:/reg-digits@champion"  # the cgan (v1) or the ddpm (v2), whichever scored the better FID
-
-# one worker and a batch of 32: these tests are about what happens after training
-TRAIN = ["--set", "train.num_workers=1", "--set", "train.batch_size=32", "--set", "train.steps=60",
-         "--set", "train.checkpoint_every=60", "--set", "train.log_every=20"]
-PIPELINES = {
-    "cgan": ["--set", "model.family=cgan", "--set", "registry.model_name=reg-digits"],
-    # fewer samples than the others: its FID must then be flagged as not comparable with theirs
-    "pixelcnn": ["--set", "model.family=pixelcnn", "--set", "model.hidden=16", "--set", "model.num_layers=2",
-                 "--set", "evaluate.num_samples=200", "--set", "registry.model_name=reg-pixelcnn"],
-    "ddpm": ["--set", "model.family=ddpm", "--set", "model.timesteps=32", "--set", "model.base_channels=8",
-             "--set", "model.channel_mults=[1,2]", "--set", "model.num_res_blocks=1", "--set", "model.ema_decay=0.9",
-             "--set", "model.sampler=ddim", "--set", "model.sample_steps=10",
-             "--set", "registry.model_name=reg-digits"],
-}
-
-
-def spec_args(family: str) -> list[str]:
-    return [*DIGITS, *TRAIN, "--set", f"name=reg-{family}", *PIPELINES[family]]
-
-
-@pytest.fixture(scope="module")
-def reviewed(home):
-    """cgan -> reg-digits v1; a gate that fails on the cgan (no version); ddpm -> reg-digits v2; pixelcnn."""
-    out = {}
-    for family in ("cgan", "gate", "pixelcnn", "ddpm"):
-        if family == "gate":
-            r = genpipe(home, "register", *spec_args("cgan"), "--set", "registry.gates.fid=<= 0.001",
-                        "--set", "registry.gates.precision=>= 0")
-        else:
-            r = genpipe(home, "pipeline", *spec_args(family))
-            assert r.returncode == 0, r.stderr[-3000:]
-        out[family] = r
-    uri = f"sqlite:///{home['path'] / 'mlflow.db'}"
-    return {"runs": out, "client": MlflowClient(uri, registry_uri=uri), "tracking_uri": uri}
-
 
 def untrained(family: str, home) -> tuple[config.PipelineSpec, dict, torch.nn.Module]:
     """(spec, prepare's outputs, model) of a pipeline above before its first step: seeded, then built, as the

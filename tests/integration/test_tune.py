@@ -88,7 +88,7 @@ def test_asha_stops_diverging_learning_rates_and_the_best_comes_from_the_good_re
         logged = sorted(m.step for m in c.get_metric_history(t.info.run_id, "val/bits_per_dim"))
         assert logged == list(range(20, row["steps"] + 1, 20)), (row, logged)
     # Stopped trials gave their workers' CPUs back: nothing stays reserved once the search is over.
-    assert reserved_placement_groups(home) == []
+    assert reserved_placement_groups(home, within=30) == []
 
 
 def test_search_commands_refuse_specs_that_do_not_fit(home):
@@ -143,14 +143,18 @@ def test_a_killed_search_resumes_without_rerunning_or_duplicating(home):
         assert max(m.step for m in c.get_metric_history(t.info.run_id, "val/fid")) == 60
 
 
+PBT_STEPS = 40
+
+
 def test_pbt_exploited_trial_continues_from_the_donors_checkpoint_and_step(home):
-    # Two VAE trials, one diverging (lr 3): at a perturbation the worse one takes the better one's
-    # checkpoint and a perturbed lr, and goes on from the donor's step rather than from its own or 0.
-    # Synchronous, so the first trial cannot finish before the second has a score to compare.
+    # Two VAE trials, one diverging (lr 3): at the perturbation at step 20 the worse one takes the better
+    # one's checkpoint and a perturbed lr, and goes on from the donor's step rather than from its own or 0.
+    # Synchronous, so the first trial cannot finish before the second has a score to compare. One
+    # perturbation before the end: each is every trial starting again (a Train run each, ~15 s here).
     r = genpipe(home, "tune", *SMOKE, "--set", "name=tune-pbt", "--set", "model={family: vae, hidden: 32, z_dim: 4}",
                 "--set", "tune.space={model.lr: {grid: [0.01, 3.0]}}", "--set", "tune.search=random",
                 "--set", "tune.scheduler=pbt", "--set", "tune.synch=true",
-                "--set", "tune.num_samples=1", "--set", "tune.max_concurrent_trials=2", "--set", "train.steps=80",
+                "--set", "tune.num_samples=1", "--set", "tune.max_concurrent_trials=2", "--set", f"train.steps={PBT_STEPS}",
                 timeout=SEARCH_TIMEOUT)
     assert r.returncode == 0, r.stderr[-3000:]
     c = _client(home)
@@ -165,7 +169,7 @@ def test_pbt_exploited_trial_continues_from_the_donors_checkpoint_and_step(home)
     assert exploits, f"no trial was exploited: {starts}"
     steps = {tid: sorted(m.step for m in c.get_metric_history(t.info.run_id, "val/bits_per_dim"))
              for tid, t in trials.items()}
-    during = [(tid, s) for tid, s in exploits if s["step"] < 80]  # one at the last step has nothing left to run
+    during = [(tid, s) for tid, s in exploits if s["step"] < PBT_STEPS]  # one at the last step has nothing to run
     assert during, exploits
     for tid, s in during:
         (donor,) = [d for d in trials if d in s["checkpoint"]]
@@ -174,5 +178,7 @@ def test_pbt_exploited_trial_continues_from_the_donors_checkpoint_and_step(home)
     for tid, t in trials.items():
         # Every step once: a paused trial's Train run logged nothing past the report Tune decided on.
         # (A start at the last step only reports the weights it was handed, at that step.)
-        assert [s for s in steps[tid] if s < 80] == [20, 40, 60] and steps[tid][-1] == 80, steps[tid]
+        assert [s for s in steps[tid] if s < PBT_STEPS] == [20] and steps[tid][-1] == PBT_STEPS, steps[tid]
         assert json.loads(t.data.tags["genpipe.trial_config"])["model.lr"] in (0.01, 3.0)  # explored on the grid
+    # Paused trials (every one, at the perturbation) gave their workers' CPUs back.
+    assert reserved_placement_groups(home, within=30) == []
