@@ -3,7 +3,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
-.venv/bin/python -m pytest -q -ra --durations=15 "$@"
+# Two xdist workers: the real-parts tests in order on one (tests/conftest.py), the unit tests on the other.
+.venv/bin/python -m pytest -q -ra --durations=15 -n 2 "$@"
 rc=$?
 if [ "$rc" = 5 ]; then
   echo "test.sh: pytest collected no tests: the set-up is broken" >&2

@@ -7,6 +7,26 @@ from tests.realparts import cluster, home, moto_s3  # noqa: F401
 from tests.realparts import end_started
 
 
+REAL_PARTS = ("tests/integration/", "tests/e2e/")
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """Under xdist (scripts/test.sh runs two workers) the tests on the real parts run on one worker, in
+    order: they share one Ray head, moto server and MLflow database, and on 2 cores a second head would
+    only slow both. The other worker runs the unit tests beside them, in the time the real-parts tests
+    leave the CPUs idle (waiting on a head, a timeout, a restart). (xdist's own `--dist loadgroup` keys
+    groups on rewritten node ids, which pytest 9 no longer takes.)"""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class RealPartsOnOneWorker(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "real parts" if nodeid.startswith(REAL_PARTS) else nodeid
+
+    return RealPartsOnOneWorker(config, log)
+
+
 @pytest.fixture(autouse=True)
 def _end_started() -> None:
     """Whatever `genpipe` a test started and left running (it failed half-way) ends with it."""
