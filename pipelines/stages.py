@@ -34,10 +34,10 @@ if TYPE_CHECKING:
 class Stage:
     module: str
     """Exposes `stage(job: StageJob) -> dict`: the work, returning the manifest's outputs."""
-    imports: tuple[str, ...]
-    """Imported before the work is timed, so the orchestration breakdown (benchmarks/orchestration.py)
-    counts every import as start-up, not as work; a job submitted ahead of its turn imports them while
-    the stage in front of it runs."""
+    imports: tuple[str, ...] = ()
+    """What its work imports beyond `module`. Both are imported before the work is timed, so the
+    orchestration breakdown (benchmarks/orchestration.py) counts every import as start-up, not as work;
+    a job submitted ahead of its turn imports them while the stage in front of it runs."""
     sections: tuple[str, ...]
     """The spec sections the stage's key covers, beyond the keys of the stages before it."""
 
@@ -45,13 +45,11 @@ class Stage:
 TABLE = {
     "prepare": Stage(module="pipelines.prepare", imports=("mlflow.tracking", "pipelines.data", "pipelines.metrics"),
                      sections=("data", "extractor", "seed")),
-    "train": Stage(module="pipelines.train", imports=("pipelines.train", "ray.train.torch"), sections=("model", "train")),
-    "tune": Stage(module="pipelines.tune", imports=("mlflow.tracking", "pipelines.tune", "ray.tune"),
+    "train": Stage(module="pipelines.train", imports=("ray.train.torch",), sections=("model", "train")),
+    "tune": Stage(module="pipelines.tune", imports=("mlflow.tracking", "ray.tune"),
                   sections=("model", "train", "tune")),
-    "evaluate": Stage(module="pipelines.evaluate", imports=("mlflow.tracking", "pipelines.evaluate"),
-                      sections=("evaluate",)),
-    "register": Stage(module="pipelines.register", imports=("mlflow", "mlflow.tracking", "pipelines.register"),
-                      sections=("registry",)),
+    "evaluate": Stage(module="pipelines.evaluate", imports=("mlflow.tracking",), sections=("evaluate",)),
+    "register": Stage(module="pipelines.register", imports=("mlflow", "mlflow.tracking"), sections=("registry",)),
 }
 STAGES = ("prepare", "train", "evaluate", "register")
 """A pipeline's stages in order; a spec with a search space (tune.space) runs tune in train's place."""
@@ -115,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     a = p.parse_args(argv)
     try:
-        for module in TABLE[a.stage].imports:
+        for module in (*TABLE[a.stage].imports, TABLE[a.stage].module):
             importlib.import_module(module)
         ready_at = time.time()
         if a.go:
