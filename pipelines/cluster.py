@@ -4,6 +4,8 @@ submission and following of stage jobs on it."""
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import json
 import os
 import re
@@ -228,7 +230,7 @@ class Ahead:
 
     stage: str
     args: list[str]  # its arguments known before the stage in front of it has finished
-    go_dir: str  # where its go file goes
+    stage_dir: str  # where it writes its outputs; its go file goes there too
 
 
 # How often the driver renews its lease on the go files of the jobs it submitted ahead of their turn.
@@ -254,20 +256,20 @@ class Cluster:
         self._go_lock = threading.Lock()  # a go file is written by the lease thread or by `run`, never both
         self._lease: threading.Thread | None = None
 
-    def run(self, stage: str, args: list[str], late_args: list[str], *, key: str, env: dict[str, str],
-            num_gpus: float = 0, num_cpus: float = 0, ahead: Ahead | None = None) -> None:
+    def run(self, stage: str, args: list[str], late_args: list[str], *, key: str, stage_dir: str,
+            env: dict[str, str], num_gpus: float = 0, num_cpus: float = 0, ahead: Ahead | None = None) -> None:
         """Run `python -m pipelines.stages STAGE ARGS LATE_ARGS` as a job; print its log; raise on failure.
 
         `num_gpus` and `num_cpus` are what the job's driver reserves; a driver that reserves nothing
         runs on the head node. A job for this stage that `prestart` submitted is handed LATE_ARGS
         instead, and `ahead` is the next stage's job, submitted once this one has started.
 
-        `key` names what the job makes (the driver passes its manifest URI and stage key). A job with
-        the same stage and key that is still running (its driver was killed, so nobody stopped it) is
+        `key` names what the job makes in `stage_dir` (the driver passes its stage key). A job with
+        the same stage, directory and key that is still running (its driver was killed, so nobody stopped it) is
         followed instead of submitting another: a second one would train the same run beside it.
         """
-        metadata = {"genpipe_stage": stage, "genpipe_key": key}
-        job_id = self._running_job(stage, key)
+        metadata = {"genpipe_stage": stage, "genpipe_dir": stage_dir, "genpipe_key": key}
+        job_id = self._running_job(stage, key, stage_dir)
         earlier = job_id is not None
         with self._go_lock:
             waiting = self.pending.pop(stage, None) if earlier else self.pending.get(stage)
@@ -286,11 +288,11 @@ class Cluster:
                     del self.pending[stage]
                 self.log(f"[{stage}] job {job_id}, submitted ahead of its turn, goes")
             else:
-                self._submit(stage, job_id, [*args, *late_args], metadata, env=env, num_gpus=num_gpus,
-                             num_cpus=num_cpus)
+                self._submit(stage, job_id, [*args, *late_args], metadata, stage_dir=stage_dir, env=env,
+                             num_gpus=num_gpus, num_cpus=num_cpus)
             if ahead is not None:
                 self.prestart(ahead, env=env)
-            self._follow(stage, job_id)
+            self._follow(stage, job_id, stage_dir)
         except (StageFailed, InvalidInput, GateFailed):
             raise  # the job has ended
         except BaseException as e:
@@ -323,7 +325,7 @@ class Cluster:
         reserves nothing: one holding a GPU while it waits could hold the GPU the stage in front needs.
         """
         job_id = f"genpipe-{ahead.stage}-{uuid.uuid4().hex[:8]}"
-        go = storage.join(ahead.go_dir, f"go-{job_id}.json")
+        go = storage.join(ahead.stage_dir, f"go-{job_id}.json")
         storage.write_bytes(go, json.dumps({"lease": 0}).encode())
         with self._go_lock:
             # One submitted earlier for this stage guessed wrong about the stages in front (data prepared
@@ -332,7 +334,7 @@ class Cluster:
         if earlier:
             self._cancel(*earlier)
         self._submit(ahead.stage, job_id, [*ahead.args, "--go", go], {"genpipe_stage": ahead.stage, "genpipe_go": go},
-                     env=env, num_gpus=0, num_cpus=0)
+                     stage_dir=ahead.stage_dir, env=env, num_gpus=0, num_cpus=0)
         if self._lease is None:
             self._lease = threading.Thread(target=self._renew_leases, name="go-lease", daemon=True)
             self._lease.start()
@@ -363,20 +365,22 @@ class Cluster:
                     except Exception as e:  # a storage hiccup: the next renewal, 5 s on, tries again
                         self.log(f"could not renew the lease in {go}: {e}")
 
-    def _running_job(self, stage: str, key: str) -> str | None:
-        """A job still running that makes what `key` names: submitted for it, or handed it as its go."""
-        stage_dir = key.split("@")[0].rsplit("/", 1)[0]  # key: "{stage dir}/manifest.json@{stage key}"
+    def _running_job(self, stage: str, key: str, stage_dir: str) -> str | None:
+        """A job still running that makes what `key` names in `stage_dir`: submitted for it, or handed it
+        as its go."""
         for job in self.client.list_jobs():
             meta = job.metadata or {}
             if str(job.status.value) in TERMINAL or meta.get("genpipe_stage") != stage:
                 continue
             go = meta.get("genpipe_go", "")
-            if meta.get("genpipe_key") == key or (go.startswith(f"{stage_dir}/") and _go_key(go) == key):
+            if ((meta.get("genpipe_dir"), meta.get("genpipe_key")) == (stage_dir, key)
+                    or (go.startswith(f"{stage_dir}/") and _go_key(go) == key)):
                 return job.submission_id
         return None
 
-    def _submit(self, stage: str, job_id: str, args: list[str], metadata: dict[str, str], *, env: dict[str, str],
-                num_gpus: float, num_cpus: float) -> None:
+    def _submit(self, stage: str, job_id: str, args: list[str], metadata: dict[str, str], *, stage_dir: str,
+                env: dict[str, str], num_gpus: float, num_cpus: float) -> None:
+        args = [*args, "--outcome", outcome_uri(stage_dir, job_id)]
         entrypoint = " ".join(["python", "-m", "pipelines.stages", stage, *map(shlex.quote, args)])
         for attempt in range(60):
             try:
@@ -390,25 +394,98 @@ class Cluster:
                 time.sleep(0.5)
         self.log(f"[{stage}] job {job_id} submitted")
 
-    def _follow(self, stage: str, job_id: str) -> None:
-        shown = 0
-        while True:
-            status = str(self.client.get_job_status(job_id).value)
-            logs = self.client.get_job_logs(job_id)
-            for line in logs[shown:].splitlines():
-                self.log(f"[{stage}] {line}")
-            shown = len(logs)
-            if status in TERMINAL:
-                break
-            time.sleep(0.25)  # the next stage waits on this poll: half of it, on average, a stage
-        if status != "SUCCEEDED":
-            info = self.client.get_job_info(job_id)
-            tail = "\n".join(logs.splitlines()[-30:])
-            invalid = re.search(r"^genpipe: invalid input: (.*)$", logs, re.M)
-            if invalid:
-                raise InvalidInput(f"{stage}: {invalid.group(1)}")
-            gate = re.search(r"^genpipe: quality gate not met: (.*)$", logs, re.M)
-            if gate:
-                raise GateFailed(gate.group(1))
-            why = (info.message or status).split(",")[0]
-            raise StageFailed(f"stage {stage} failed ({why}); last log lines:\n{tail}")
+    def _follow(self, stage: str, job_id: str, stage_dir: str) -> None:
+        """Print the job's log as it grows until the job ends; raise what its outcome says when it failed."""
+        tail = LogTail(self.client, job_id, lambda line: self.log(f"[{stage}] {line}"))
+        try:
+            # The tail's websocket closes 1-2 s after the job ends (Ray's agent rechecks a finished log each
+            # second): the status is polled instead, and the rest of the log fetched once when it ends.
+            while (status := str(self.client.get_job_status(job_id).value)) not in TERMINAL:
+                time.sleep(0.25)
+                if not tail.following():
+                    tail.catch_up()  # its websocket dropped: poll the log instead
+        finally:
+            tail.close()
+        if status == "SUCCEEDED":
+            return
+        outcome = _read_outcome(outcome_uri(stage_dir, job_id))
+        code = self.client.get_job_info(job_id).driver_exit_code if outcome is None else outcome["exit_code"]
+        if code in _RAISES:
+            why = outcome["message"] if outcome else "its reason is in its log above (its outcome file is unreadable)"
+            raise _RAISES[code](f"{stage}: {why}" if code == InvalidInput.exit_code else why)
+        why = (self.client.get_job_info(job_id).message or status).split(",")[0]
+        raise StageFailed(f"stage {stage} failed ({why}); last log lines:\n" + "\n".join(tail.last_lines))
+
+
+# A stage job that ends on one of these exceptions writes its outcome (stages.main) and exits with its code.
+_RAISES = {cls.exit_code: cls for cls in (InvalidInput, GateFailed)}
+
+
+def outcome_uri(stage_dir: str, job_id: str) -> str:
+    """Where job JOB_ID of the stage writing to STAGE_DIR records why it ended on bad input or a missed gate."""
+    return storage.join(stage_dir, "outcomes", f"{job_id}.json")
+
+
+def _read_outcome(uri: str) -> dict | None:
+    try:
+        return json.loads(storage.read_bytes(uri))
+    except Exception:  # missing, or storage unreadable: the exit code still tells the kind
+        return None
+
+
+class LogTail:
+    """Follows a job's log through Ray's websocket (`tail_job_logs`) in a thread of its own, passing each
+    complete line to `emit` once. (Fetching the whole log at each poll costs its length each time, and a
+    training run's log grows.)"""
+
+    def __init__(self, client, job_id: str, emit: Callable[[str], None], keep: int = 30):
+        self.client, self.job_id, self.emit = client, job_id, emit
+        self.last_lines: collections.deque[str] = collections.deque(maxlen=keep)
+        self._lock = threading.Lock()
+        self._shown = 0  # characters of the log passed on, all in complete lines
+        self._partial = ""  # received after the last newline
+        self._closed = False
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._consume(),),
+                                        name=f"tail-{job_id}", daemon=True)
+        self._thread.start()
+
+    async def _consume(self) -> None:
+        try:
+            async for chunk in self.client.tail_job_logs(self.job_id):
+                with self._lock:
+                    if self._closed:
+                        return
+                    self._take(self._partial + chunk)
+        except (Exception, asyncio.CancelledError):
+            pass  # following() turns false, and the driver polls the log instead
+
+    def _take(self, text: str, *, final: bool = False) -> None:
+        """Pass on the complete lines of TEXT, the log from its first character not yet shown."""
+        if final and text and not text.endswith("\n"):
+            text += "\n"
+        *lines, self._partial = text.split("\n")
+        for line in lines:
+            self.last_lines.append(line)
+            self.emit(line)
+            self._shown += len(line) + 1
+
+    def following(self) -> bool:
+        return self._thread.is_alive()
+
+    def catch_up(self, *, final: bool = False) -> None:
+        """Pass on what the log holds beyond what was shown: one fetch of the whole log. Only once the
+        thread has stopped passing lines on (it ended, or `close`), so that none is passed on twice."""
+        logs = self.client.get_job_logs(self.job_id)
+        with self._lock:
+            self._take(logs[self._shown:], final=final)
+
+    def close(self) -> None:
+        """Stop the thread, then pass on the rest of the log."""
+        with self._lock:
+            self._closed = True
+        self._loop.call_soon_threadsafe(lambda: [t.cancel() for t in asyncio.all_tasks(self._loop)])
+        try:
+            self.catch_up(final=True)
+        except Exception:
+            pass  # the head is gone: what was shown is all there is

@@ -77,7 +77,8 @@ def run(spec: PipelineSpec, *, until: str = "register", address: str | None = No
     if os.environ.get("AWS_ENDPOINT_URL"):
         env["AWS_ENDPOINT_URL"] = os.environ["AWS_ENDPOINT_URL"]
     todo = stages[:stages.index(until) + 1]
-    manifests = [storage.join(root, spec.name, stage, "manifest.json") for stage in todo]
+    dirs = [storage.join(root, spec.name, stage) for stage in todo]
+    manifests = [storage.join(d, "manifest.json") for d in dirs]
 
     def args(i: int) -> list[str]:
         """Stage i's arguments that are known before the stages in front of it have run."""
@@ -88,7 +89,7 @@ def run(spec: PipelineSpec, *, until: str = "register", address: str | None = No
         """Stage i's job, to submit before its turn (Cluster.prestart) when it reserves nothing."""
         if i == len(todo) or any(entrypoint_resources(spec, todo[i], local=local).values()):
             return None
-        return Ahead(todo[i], args(i), go_dir=storage.join(root, spec.name, todo[i]))
+        return Ahead(todo[i], args(i), stage_dir=dirs[i])
 
     def connect() -> Cluster:
         # On a local head the first stage that will run starts its interpreter and imports as soon as the
@@ -129,7 +130,7 @@ def run(spec: PipelineSpec, *, until: str = "register", address: str | None = No
                     run_id = tracking.open_run(c, exp, name=f"{spec.name}/{stage}", key=key, parent_id=parent)
                     with tracking.run_status(c, run_id):
                         cluster.run(stage, args(i), ["--run-id", run_id, "--key", key],
-                                    key=f"{manifests[i]}@{key}", env=env, ahead=ahead(i + 1),
+                                    key=key, stage_dir=dirs[i], env=env, ahead=ahead(i + 1),
                                     **entrypoint_resources(spec, stage, local=local))
                     done = _read_manifest(manifests[i])
                     if not done or done["key"] != key:

@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--root", required=True, help="storage root")
     p.add_argument("--inputs", nargs="*", default=[], help="manifests of the earlier stages, in order")
     p.add_argument("--resume", action="store_true", help="tune: continue an interrupted search")
+    p.add_argument("--outcome", help="where to record why the stage ended, when it ends on bad input (exit 2) or "
+                                     "a missed quality gate (exit 3): the driver reads it, not the log")
     p.add_argument("--go", help="a job submitted ahead of its turn: the URI where the driver hands it the rest of "
                                 "its arguments (--run-id, --key) when the stage before it has finished")
     argv = sys.argv[1:] if argv is None else argv
@@ -121,12 +123,19 @@ def main(argv: list[str] | None = None) -> int:
         if not (a.run_id and a.key):
             p.error("--run-id and --key are required (or --go)")
         return _run(a, ready_at=ready_at)
-    except InvalidInput as e:
-        print(f"genpipe: invalid input: {e}", file=sys.stderr, flush=True)
-        return 2
-    except GateFailed as e:
-        print(f"genpipe: quality gate not met: {e}", file=sys.stderr, flush=True)
-        return 3
+    except (InvalidInput, GateFailed) as e:
+        print(f"genpipe: {'invalid input' if isinstance(e, InvalidInput) else 'quality gate not met'}: {e}",
+              file=sys.stderr, flush=True)
+        if a.outcome:
+            _write_outcome(a.outcome, e)
+        return e.exit_code
+
+
+def _write_outcome(uri: str, e: InvalidInput | GateFailed) -> None:
+    try:
+        storage.write_bytes(uri, json.dumps({"exit_code": e.exit_code, "message": str(e)}).encode())
+    except Exception as err:  # the driver then goes by the exit code alone
+        print(f"genpipe: could not record this outcome at {uri}: {err}", file=sys.stderr, flush=True)
 
 
 def _process_started_at() -> float:

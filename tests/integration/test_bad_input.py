@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,10 @@ def test_corrupt_shard_is_refused_and_earlier_outputs_stay(home, tmp_path):
     _one_clear_line(r, "corrupt")
     assert _digest(prepare_dir) == before
     assert not (storage / "corrupt" / "train" / "manifest.json").exists()
+    # The driver read why from the outcome the stage recorded, not from its log.
+    (outcome,) = (storage / "corrupt" / "train" / "outcomes").glob("genpipe-train-*.json")
+    recorded = json.loads(outcome.read_text())
+    assert recorded["exit_code"] == 2 and recorded["message"] in r.stderr
     c = MlflowClient(f"sqlite:///{home['path'] / 'mlflow.db'}")
     runs = {r.info.run_name: r.info.status
             for r in c.search_runs([c.get_experiment_by_name("corrupt").experiment_id])}
