@@ -99,14 +99,20 @@ class GenerativeModel(nn.Module):
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         raise NotImplementedError
 
-    def loss(self, batch: Batch) -> tuple[Tensor, Metrics]:
+    def loss(self, batch: Batch, *, step: int = 0) -> tuple[Tensor, Metrics]:
+        """(loss to descend, metrics) of one batch.
+
+        `step`: completed training steps, read by schedules such as the VAE's
+        KL warm-up; 0 outside training. Passed, not kept in the model, so a
+        resumed run continues from the step the trainer restored.
+        """
         raise NotImplementedError(f"{type(self).__name__} trains through training_step")
 
     def training_step(self, batch: Batch, ctx: StepContext) -> Metrics:
         """One optimisation step. Default: one optimizer on `self.loss`."""
         (name,) = ctx.optimizers
         ctx.zero_grad(name)
-        loss, metrics = self.loss(batch)
+        loss, metrics = self.loss(batch, step=ctx.step)
         ctx.backward(loss)
         ctx.step_optimizer(name)
         return {"loss": loss.detach(), **metrics}
@@ -130,7 +136,8 @@ class GenerativeModel(nn.Module):
         return "one pass", 1
 
     def on_step_end(self, step: int) -> None:
-        """Hook after each optimisation step: EMA weights, buffers, schedules."""
+        """Hook after each optimisation step, for state that accumulates over steps
+        (DDPM's EMA weights). Schedules read the step instead (`ctx.step`, `loss`'s `step`)."""
 
     # --- DDP wrapping -----------------------------------------------------
     def wrap_ddp(self, wrap: Callable[[nn.Module], nn.Module]) -> None:

@@ -28,7 +28,7 @@ MAX_N = 1024  # one request may not ask for more images than this
 MAX_SEED = 2**63 - 1  # seeds are int64 in the signature
 # The distributions this file and gen_models/ import: what the serving environment installs, pinned by
 # the register stage to the versions it runs with.
-REQUIREMENTS = ("mlflow", "numpy", "pandas", "safetensors", "torch")
+REQUIREMENTS = ("mlflow", "numpy", "pandas", "pydantic", "safetensors", "torch")
 # Logged with the model: MLflow shows it as the request to send, and serves it once at registration
 INPUT_EXAMPLE = pd.DataFrame([{"n": 2, "seed": 0}])
 

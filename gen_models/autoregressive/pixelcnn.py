@@ -23,35 +23,32 @@ Unconditional: `sample` ignores labels.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from pydantic import NonNegativeInt, PositiveFloat, model_validator
 from torch import Tensor, nn
 
 from gen_models.base import Batch, GenerativeModel, Metrics
-from gen_models.config import ModelConfig
+from gen_models.config import ModelConfig, config_dataclass
 from gen_models.nn.masked_conv import MaskedConv2d
 
 
-@dataclass(kw_only=True)
+@config_dataclass
 class PixelCNNConfig(ModelConfig):
     hidden: int = 64
     """Channels of every hidden layer; at least `channels`, so every colour owns some."""
-    num_layers: int = 8
+    num_layers: NonNegativeInt = 8
     """Residual blocks of mask-B convolutions after the 7x7 mask-A layer; each
     widens the receptive field by one pixel in every visible direction."""
-    lr: float = 1e-3
+    lr: PositiveFloat = 1e-3
     """Adam learning rate."""
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    @model_validator(mode="after")
+    def _every_colour_owns_a_channel(self) -> PixelCNNConfig:
         if self.hidden < self.channels:
             raise ValueError(f"hidden must be >= channels ({self.channels}), got {self.hidden}")
-        if self.num_layers < 0:
-            raise ValueError(f"num_layers must be >= 0, got {self.num_layers}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        return self
 
     @classmethod
     def tiny(cls, **overrides) -> PixelCNNConfig:
@@ -124,7 +121,7 @@ class PixelCNN(GenerativeModel):
         n, c, s, _ = x.shape
         return self.net(byte).view(n, 256, c, s, s), byte.long()
 
-    def loss(self, batch: Batch) -> tuple[Tensor, Metrics]:
+    def loss(self, batch: Batch, *, step: int = 0) -> tuple[Tensor, Metrics]:
         logits, byte = self.logits(batch[0])
         loss = F.cross_entropy(logits, byte)  # mean over N, C, H, W: nats per dimension
         return loss, {"bits_per_dim": loss.detach() / math.log(2)}

@@ -16,83 +16,65 @@ DDP never wraps it. Unconditional: `sample` ignores labels.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
 from torch import Tensor, nn
 
 from gen_models.base import Batch, GenerativeModel, Metrics, from_unit, to_unit
-from gen_models.config import ModelConfig
+from gen_models.config import Decay, ModelConfig, config_dataclass
 from gen_models.diffusion.samplers import ddim_sample, ddpm_sample
 from gen_models.diffusion.schedules import NoiseSchedule, cosine_betas, linear_betas
 from gen_models.nn.unet import NORM_GROUPS, UNet
 
 
-@dataclass(kw_only=True)
+@config_dataclass
 class DDPMConfig(ModelConfig):
-    timesteps: int = 1000
+    timesteps: int = Field(1000, ge=2)
     """Length T of the diffusion chain."""
     schedule: Literal["linear", "cosine"] = "linear"
     """Noise schedule: Ho et al.'s linear betas, or Nichol & Dhariwal's cosine abar
     (better at low resolution, where the linear one wastes its last steps on pure noise)."""
-    beta_start: float = 1e-4
+    beta_start: PositiveFloat = 1e-4
     """First beta of the linear schedule, as for T = 1000; scaled by 1000 / timesteps."""
-    beta_end: float = 0.02
+    beta_end: PositiveFloat = 0.02
     """Last beta of the linear schedule, as for T = 1000; scaled by 1000 / timesteps."""
-    base_channels: int = 64
+    base_channels: int = Field(64, ge=NORM_GROUPS, multiple_of=NORM_GROUPS)
     """UNet width at full resolution; a multiple of 8 (the GroupNorm groups)."""
-    channel_mults: tuple[int, ...] = (1, 2, 2)
+    channel_mults: Annotated[tuple[PositiveInt, ...], Field(min_length=1)] = (1, 2, 2)
     """UNet width of each level as a multiple of base_channels. The image is halved
     between levels, len - 1 times, so image_size must be divisible by 2^(len - 1):
     (1, 2, 2) takes 28 -> 14 -> 7 and 32 -> 16 -> 8."""
-    num_res_blocks: int = 2
+    num_res_blocks: PositiveInt = 2
     """Residual blocks per UNet level on the way down (one more on the way up)."""
-    lr: float = 2e-4
+    lr: PositiveFloat = 2e-4
     """Adam learning rate (Ho et al.)."""
-    ema_decay: float = 0.9999
+    ema_decay: Decay = 0.9999
     """Decay of the EMA weights used for sampling. Step n uses min(ema_decay, (1 + n) / (10 + n)),
     so the average forgets the random init early on; beyond ~90k steps it is ema_decay."""
     sampler: Literal["ddpm", "ddim"] = "ddpm"
     """Sampler of `sample`: ancestral over all timesteps, or DDIM over sample_steps."""
-    sample_steps: int = 100
-    """Steps of the DDIM sampler; 50-100 come close to the full chain (Song et al.)."""
-    eta: float = 0.0
+    sample_steps: PositiveInt = 100
+    """Steps of the DDIM sampler, at most timesteps; 50-100 come close to the full chain (Song et al.)."""
+    eta: NonNegativeFloat = 0.0
     """DDIM noise: 0 is deterministic given x_T, 1 is ancestral-like."""
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.timesteps < 2:
-            raise ValueError(f"timesteps must be >= 2, got {self.timesteps}")
-        if self.schedule not in ("linear", "cosine"):
-            raise ValueError(f"schedule must be 'linear' or 'cosine', got {self.schedule!r}")
+    @model_validator(mode="after")
+    def _fields_agree(self) -> DDPMConfig:
+        if self.beta_start > self.beta_end:
+            raise ValueError(f"beta_start must be <= beta_end ({self.beta_end}), got {self.beta_start}")
         scale = 1000 / self.timesteps
-        if not 0 < self.beta_start <= self.beta_end:
-            raise ValueError(f"beta_start must be in (0, beta_end], got {self.beta_start} and {self.beta_end}")
         if self.schedule == "linear" and not self.beta_end * scale < 1:
             raise ValueError(f"beta_end * 1000 / timesteps must be < 1, got {self.beta_end} * {scale:g}")
-        if self.base_channels < NORM_GROUPS or self.base_channels % NORM_GROUPS:
-            raise ValueError(f"base_channels must be a positive multiple of {NORM_GROUPS}, got {self.base_channels}")
-        self.channel_mults = tuple(self.channel_mults)  # a YAML or JSON round trip gives a list
-        if not self.channel_mults or not all(m >= 1 for m in self.channel_mults):
-            raise ValueError(f"channel_mults must be one or more integers >= 1, got {self.channel_mults}")
         halvings = len(self.channel_mults) - 1
         if self.image_size % 2**halvings:
             raise ValueError(f"channel_mults {self.channel_mults} halve image_size {self.image_size} "
                              f"{halvings} times; it must be divisible by {2**halvings}")
-        if self.num_res_blocks < 1:
-            raise ValueError(f"num_res_blocks must be >= 1, got {self.num_res_blocks}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.sampler not in ("ddpm", "ddim"):
-            raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {self.sampler!r}")
-        if not 1 <= self.sample_steps <= self.timesteps:
-            raise ValueError(f"sample_steps must be in [1, timesteps], got {self.sample_steps}")
-        if self.eta < 0:
-            raise ValueError(f"eta must be >= 0, got {self.eta}")
+        if self.sample_steps > self.timesteps:
+            raise ValueError(f"sample_steps must be <= timesteps ({self.timesteps}), got {self.sample_steps}")
+        return self
 
     @classmethod
     def tiny(cls, **overrides) -> DDPMConfig:
@@ -119,7 +101,7 @@ class DDPM(GenerativeModel):
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"unet": torch.optim.Adam(self.unet.parameters(), lr=self.config.lr)}
 
-    def loss(self, batch: Batch) -> tuple[Tensor, Metrics]:
+    def loss(self, batch: Batch, *, step: int = 0) -> tuple[Tensor, Metrics]:
         x0 = from_unit(batch[0])
         t = torch.randint(self.config.timesteps, (x0.shape[0],), device=x0.device)
         eps = torch.randn_like(x0)

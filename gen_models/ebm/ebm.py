@@ -25,56 +25,42 @@ that changes smoothly with x instead of jumping at every ReLU kink.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
+from pydantic import NonNegativeFloat, PositiveFloat, PositiveInt
 from torch import Tensor, nn
 
 from gen_models.base import Batch, GenerativeModel, Metrics, StepContext
-from gen_models.config import ModelConfig
+from gen_models.config import AdamBetas, ModelConfig, UnitInterval, config_dataclass
 from gen_models.ebm.langevin import langevin
 from gen_models.nn.layers import downsample
 
 
-@dataclass(kw_only=True)
+@config_dataclass
 class EBMConfig(ModelConfig):
-    hidden: int = 32
+    hidden: PositiveInt = 32
     """Channels of the energy net's first layer; the next two have twice as many."""
-    langevin_steps: int = 60
+    langevin_steps: PositiveInt = 60
     """Langevin steps K per training step, from the replay buffer (paper: 60)."""
-    sample_steps: int = 180
+    sample_steps: PositiveInt = 180
     """Langevin steps of `sample`, from uniform noise: 3 K, since it has no buffer to start from."""
-    step_size: float = 10.0
+    step_size: PositiveFloat = 10.0
     """Step on the (clipped) energy gradient, for images in [0, 1] (paper: 10)."""
-    noise_scale: float = 0.005
+    noise_scale: NonNegativeFloat = 0.005
     """Standard deviation of the Gaussian noise added at every Langevin step (paper: 0.005)."""
-    grad_clip: float = 0.03
+    grad_clip: PositiveFloat = 0.03
     """Each entry of dE/dx is clipped to +-grad_clip, so one step moves a pixel at most step_size * grad_clip."""
-    buffer_size: int = 10000
+    buffer_size: PositiveInt = 10000
     """Images in the replay buffer of past Langevin chains."""
-    reinit_prob: float = 0.05
+    reinit_prob: UnitInterval = 0.05
     """Fraction of chains started from fresh uniform noise instead of the buffer (paper: 5 %)."""
-    alpha: float = 1.0
+    alpha: NonNegativeFloat = 1.0
     """Weight of the energy regulariser alpha (E(x+)^2 + E(x-)^2) (paper: 1)."""
-    data_noise: float = 0.005
+    data_noise: NonNegativeFloat = 0.005
     """Std of Gaussian noise added to the data: the digits have 17 grey levels, a density needs a continuum."""
-    lr: float = 1e-4
+    lr: PositiveFloat = 1e-4
     """Adam learning rate."""
-    betas: tuple[float, float] = (0.0, 0.999)
+    betas: AdamBetas = (0.0, 0.999)
     """Adam betas; beta1 = 0: the negatives change every step, so momentum on old gradients lags behind them."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.require_at_least_one("hidden", "langevin_steps", "sample_steps", "buffer_size")
-        for name in ("step_size", "grad_clip", "lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("noise_scale", "alpha", "data_noise"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 0 <= self.reinit_prob <= 1:
-            raise ValueError(f"reinit_prob must be in [0, 1], got {self.reinit_prob}")
-        self.require_adam_betas()
 
     @classmethod
     def tiny(cls, **overrides) -> EBMConfig:

@@ -27,46 +27,39 @@ Unconditional: `sample` ignores labels.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
+from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 from torch import Tensor, nn
 
 from gen_models.base import Batch, GenerativeModel, Metrics, noise
-from gen_models.config import ModelConfig
+from gen_models.config import ModelConfig, config_dataclass
 from gen_models.nn.coupling import AffineCoupling, Squeeze, channel_halves, checkerboard
 
 
-@dataclass(kw_only=True)
+@config_dataclass
 class RealNVPConfig(ModelConfig):
-    num_scales: int = 2
+    num_scales: PositiveInt = 2
     """Scales of the stack; each ends with a squeeze that halves the image, so
     image_size must be divisible by 2^num_scales (28 -> 14 -> 7 for 2)."""
-    couplings_per_mask: int = 3
+    couplings_per_mask: int = Field(3, ge=2)
     """Checkerboard couplings, and then channel-wise couplings, per scale (the
     paper uses 3). At least 2, so that the flipping masks reach every dimension."""
-    hidden: int = 64
+    hidden: PositiveInt = 64
     """Width of the residual network that computes each layer's scale and shift."""
-    num_blocks: int = 4
+    num_blocks: PositiveInt = 4
     """Residual blocks in that network."""
-    alpha: float = 0.05
+    alpha: float = Field(0.05, gt=0, lt=0.5)
     """Logit-transform margin: y' = alpha + (1 - 2 alpha) y (0.05 in the paper for CIFAR-10)."""
-    lr: float = 1e-3
+    lr: PositiveFloat = 1e-3
     """Adam learning rate."""
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.num_scales < 1 or self.image_size % 2**self.num_scales:
-            raise ValueError(f"num_scales must be >= 1 with image_size divisible by 2^num_scales, "
-                             f"got {self.num_scales} for image_size {self.image_size}")
-        if self.couplings_per_mask < 2:
-            raise ValueError(f"couplings_per_mask must be >= 2 (one layer leaves half the dimensions "
-                             f"untouched), got {self.couplings_per_mask}")
-        self.require_at_least_one("hidden", "num_blocks")
-        if not 0 < self.alpha < 0.5:
-            raise ValueError(f"alpha must be in (0, 0.5), got {self.alpha}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+    @model_validator(mode="after")
+    def _squeezes_fit_the_image(self) -> RealNVPConfig:
+        if self.image_size % 2**self.num_scales:
+            raise ValueError(f"num_scales {self.num_scales} halves image_size {self.image_size} {self.num_scales} "
+                             f"times; it must be divisible by {2**self.num_scales}")
+        return self
 
     @classmethod
     def tiny(cls, **overrides) -> RealNVPConfig:
@@ -154,7 +147,7 @@ class RealNVP(GenerativeModel):
         log_prior = -0.5 * (z**2 + math.log(2 * math.pi)).flatten(1).sum(1)
         return log_prior + logdet
 
-    def loss(self, batch: Batch) -> tuple[Tensor, Metrics]:
+    def loss(self, batch: Batch, *, step: int = 0) -> tuple[Tensor, Metrics]:
         x = batch[0]
         # nats per dimension: the same learning rate suits every image size
         loss = -self._log_density(self.dequantize(x)).mean() / x[0].numel()

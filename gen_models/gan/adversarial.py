@@ -11,31 +11,24 @@ softplus(-l) = -log sigmoid(l) and softplus(l) = -log(1 - sigmoid(l)).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from pydantic import PositiveFloat, PositiveInt
 from torch import Tensor, nn
 
 from gen_models.base import GenerativeModel, Metrics, StepContext, noise, to_unit
-from gen_models.config import ModelConfig
+from gen_models.config import AdamBetas, ModelConfig, config_dataclass
 
 
-@dataclass(kw_only=True)
+@config_dataclass
 class AdversarialConfig(ModelConfig):
-    z_dim: int = 64
+    z_dim: PositiveInt = 64
     """Size of the latent vector z ~ N(0, I)."""
-    lr: float = 2e-4
+    lr: PositiveFloat = 2e-4
     """Adam learning rate of both networks (DCGAN paper)."""
-    betas: tuple[float, float] = (0.5, 0.999)
+    betas: AdamBetas = (0.5, 0.999)
     """Adam betas of both networks; beta1 = 0.5 instead of 0.9 damps oscillation (DCGAN paper)."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.require_at_least_one("z_dim")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        self.require_adam_betas()
 
     @classmethod
     def tiny(cls, **overrides) -> AdversarialConfig:

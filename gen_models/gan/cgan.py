@@ -20,26 +20,22 @@ labels at their frequency in the data. The update is the shared
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
+from pydantic import PositiveInt
 from torch import Tensor, nn
 
 from gen_models.base import Batch, Metrics, StepContext, from_unit, noise
+from gen_models.config import config_dataclass
 from gen_models.gan.adversarial import AdversarialModel, nonsaturating_step, sample_generator
 from gen_models.gan.gan import GANConfig
 from gen_models.nn.mlp import mlp_features, mlp_generator
 
 
-@dataclass(kw_only=True)
+@config_dataclass
 class CGANConfig(GANConfig):
-    embed_dim: int = 16
+    embed_dim: PositiveInt = 16
     """Size of G's label embedding, concatenated to z. (D's embedding is `hidden`
     wide: it is dotted with D's features.)"""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.require_at_least_one("embed_dim")
 
     @classmethod
     def tiny(cls, **overrides) -> CGANConfig:

@@ -10,27 +10,23 @@ D returns a logit, not a probability; the update itself is the shared
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from pydantic import PositiveInt
 from torch import nn
 
 from gen_models.base import Batch, Metrics, StepContext, from_unit, noise
+from gen_models.config import config_dataclass
 from gen_models.gan.adversarial import AdversarialConfig, AdversarialModel, nonsaturating_step
 from gen_models.nn.layers import dcgan_init_, downsample, upsample
 
 
-@dataclass(kw_only=True)
+@config_dataclass
 class DCGANConfig(AdversarialConfig):
-    z_dim: int = 100
+    z_dim: PositiveInt = 100
     """Size of the latent vector z ~ N(0, I) (DCGAN paper)."""
-    g_channels: int = 64
+    g_channels: PositiveInt = 64
     """Channels of G's last hidden layer; the layer before it has twice as many."""
-    d_channels: int = 64
+    d_channels: PositiveInt = 64
     """Channels of D's first layer; the layer after it has twice as many."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.require_at_least_one("g_channels", "d_channels")
 
     @classmethod
     def tiny(cls, **overrides) -> DCGANConfig:

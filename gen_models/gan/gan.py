@@ -13,25 +13,21 @@ The update is the shared `nonsaturating_step` of gen_models.gan.adversarial.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from pydantic import PositiveInt
 from torch import nn
 
 from gen_models.base import Batch, Metrics, StepContext, from_unit, noise
+from gen_models.config import config_dataclass
 from gen_models.gan.adversarial import AdversarialConfig, AdversarialModel, nonsaturating_step
 from gen_models.nn.mlp import mlp_features, mlp_generator
 
 
-@dataclass(kw_only=True)
+@config_dataclass
 class GANConfig(AdversarialConfig):
-    hidden: int = 256
+    hidden: PositiveInt = 256
     """Width of every hidden layer of G and D."""
-    depth: int = 2
+    depth: PositiveInt = 2
     """Hidden layers in G and in D."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.require_at_least_one("hidden", "depth")
 
     @classmethod
     def tiny(cls, **overrides) -> GANConfig:

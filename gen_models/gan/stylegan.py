@@ -18,13 +18,13 @@ trading variety for typical images.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
+from pydantic import PositiveFloat, PositiveInt
 from torch import Tensor, nn
 
 from gen_models.base import Batch, Metrics, StepContext, from_unit, noise, to_unit
+from gen_models.config import AdamBetas, Decay, UnitInterval, config_dataclass
 from gen_models.gan.adversarial import AdversarialConfig, AdversarialModel, nonsaturating_step
 from gen_models.nn.layers import dcgan_init_, downsample
 from gen_models.nn.style import AdaIN, MappingNetwork, NoiseInput
@@ -34,39 +34,28 @@ UPSAMPLE_BEFORE = (1, 3)
 NUM_LAYERS = 5
 
 
-@dataclass(kw_only=True)
+@config_dataclass
 class StyleGANConfig(AdversarialConfig):
-    z_dim: int = 128
+    z_dim: PositiveInt = 128
     """Size of z ~ N(0, I) and of w (the paper: 512 for both)."""
-    mapping_depth: int = 8
+    mapping_depth: PositiveInt = 8
     """Linear layers of the mapping network (paper: 8)."""
-    mapping_lr_mult: float = 0.01
+    mapping_lr_mult: PositiveFloat = 0.01
     """The mapping network learns at lr times this (paper: 0.01)."""
-    g_channels: int = 64
+    g_channels: PositiveInt = 64
     """Channels of every synthesis layer."""
-    d_channels: int = 64
+    d_channels: PositiveInt = 64
     """Channels of D's first layer; the layer after it has twice as many."""
-    lr: float = 1e-3
+    lr: PositiveFloat = 1e-3
     """Adam learning rate of both networks (paper: 0.001); on the digits it learns far faster than DCGAN's 2e-4."""
-    betas: tuple[float, float] = (0.0, 0.99)
+    betas: AdamBetas = (0.0, 0.99)
     """Adam betas of both networks (paper: 0, 0.99)."""
-    mixing_prob: float = 0.9
+    mixing_prob: UnitInterval = 0.9
     """Probability that a training image mixes two styles at a random crossover layer (paper: 0.9)."""
-    truncation: float = 0.7
+    truncation: UnitInterval = 0.7
     """psi of `sample`: w -> mean w + psi (w - mean w); 1 is no truncation, 0 the mean image only."""
-    w_avg_beta: float = 0.995
+    w_avg_beta: Decay = 0.995
     """EMA decay of the tracked mean w that truncation pulls towards, per training step."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.require_at_least_one("mapping_depth", "g_channels", "d_channels")
-        if not self.mapping_lr_mult > 0:
-            raise ValueError(f"mapping_lr_mult must be > 0, got {self.mapping_lr_mult}")
-        for name in ("mixing_prob", "truncation"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if not 0 <= self.w_avg_beta < 1:
-            raise ValueError(f"w_avg_beta must be in [0, 1), got {self.w_avg_beta}")
 
     @classmethod
     def tiny(cls, **overrides) -> StyleGANConfig:

@@ -24,41 +24,33 @@ a checkpoint and every DDP rank agrees on it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from pydantic import PositiveFloat, PositiveInt
 from torch import Tensor, nn
 
 from gen_models.base import Batch, Metrics, StepContext, from_unit, noise
+from gen_models.config import AdamBetas, config_dataclass
 from gen_models.gan.adversarial import AdversarialModel
 from gen_models.gan.gan import GANConfig
 from gen_models.nn.mlp import mlp_features, mlp_generator
 
 
-@dataclass(kw_only=True)
+@config_dataclass
 class WGANConfig(GANConfig):
     variant: Literal["clip", "gp"] = "clip"
     """How the critic is kept (close to) 1-Lipschitz: "clip" weight clipping, "gp" gradient penalty."""
-    n_critic: int = 5
+    n_critic: PositiveInt = 5
     """Critic updates per generator update (both papers: 5)."""
-    clip_value: float = 0.01
+    clip_value: PositiveFloat = 0.01
     """Critic weights are clamped to [-clip_value, clip_value] (variant "clip" only)."""
-    gp_weight: float = 10.0
+    gp_weight: PositiveFloat = 10.0
     """lambda, the weight of the gradient penalty (variant "gp" only)."""
-    lr: float = 5e-5
+    lr: PositiveFloat = 5e-5
     """Learning rate of both networks: RMSprop for "clip", Adam for "gp"."""
-    betas: tuple[float, float] = (0.0, 0.9)
+    betas: AdamBetas = (0.0, 0.9)
     """Adam betas (variant "gp" only; "clip" uses RMSprop, which has none)."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.variant not in ("clip", "gp"):
-            raise ValueError(f"variant must be 'clip' or 'gp', got {self.variant!r}")
-        self.require_at_least_one("n_critic")
-        for name in ("clip_value", "gp_weight"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
     @classmethod
     def tiny(cls, **overrides) -> WGANConfig:
@@ -66,11 +58,11 @@ class WGANConfig(GANConfig):
         return super().tiny(**{"n_critic": 1, **overrides})
 
 
-@dataclass(kw_only=True)
+@config_dataclass
 class WGANGPConfig(WGANConfig):
     variant: Literal["clip", "gp"] = "gp"
     """Gradient penalty by default."""
-    lr: float = 1e-4
+    lr: PositiveFloat = 1e-4
     """Adam learning rate of both networks (WGAN-GP paper)."""
 
 

@@ -19,65 +19,53 @@ loose; it is honest, not flattering.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 from torch import Tensor, nn
 
 from gen_models.base import Batch, GenerativeModel, Metrics, noise
-from gen_models.config import ModelConfig
+from gen_models.config import ModelConfig, config_dataclass
 from gen_models.nn.layers import downsample, upsample
 
 
-@dataclass(kw_only=True)
+@config_dataclass
 class VAEConfig(ModelConfig):
     encoder: Literal["mlp", "conv"] = "mlp"
     """Network shape of the encoder; the decoder mirrors it. "conv" adds two
     stride-2 convolutions (image_size -> image_size / 4) before the dense layers."""
-    hidden: int = 400
+    hidden: PositiveInt = 400
     """Width of the dense hidden layer of encoder and decoder."""
-    conv_channels: int = 32
+    conv_channels: PositiveInt = 32
     """Channels of the first convolution (encoder "conv" only); the second has twice as many."""
-    z_dim: int = 20
+    z_dim: PositiveInt = 20
     """Dimensions of the latent z."""
-    beta: float = 1.0
+    beta: PositiveFloat = 1.0
     """Weight of the KL term in the training loss: 1 is the plain VAE, > 1 a β-VAE.
     Never applied to `log_prob`, which stays the true bound."""
-    kl_warmup_steps: int = 0
+    kl_warmup_steps: NonNegativeInt = 0
     """Steps over which the KL weight rises linearly from 0 to beta; 0 for none."""
-    lr: float = 1e-3
+    lr: PositiveFloat = 1e-3
     """Adam learning rate."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.encoder not in ("mlp", "conv"):
-            raise ValueError(f"encoder must be 'mlp' or 'conv', got {self.encoder!r}")
-        self.require_at_least_one("hidden", "conv_channels", "z_dim")
-        if not self.beta > 0:
-            raise ValueError(f"beta must be > 0, got {self.beta}")
-        if self.kl_warmup_steps < 0:
-            raise ValueError(f"kl_warmup_steps must be >= 0, got {self.kl_warmup_steps}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
 
     @classmethod
     def tiny(cls, **overrides) -> VAEConfig:
         return cls(**{"hidden": 32, "conv_channels": 4, "z_dim": 4, **overrides})
 
 
-@dataclass(kw_only=True)
+@config_dataclass
 class ConvVAEConfig(VAEConfig):
     encoder: Literal["mlp", "conv"] = "conv"
     """Convolutional encoder and decoder by default."""
 
 
-@dataclass(kw_only=True)
+@config_dataclass
 class BetaVAEConfig(VAEConfig):
-    beta: float = 4.0
+    beta: PositiveFloat = 4.0
     """β > 1 trades reconstruction for a more factorised latent (Higgins et al. 2017)."""
-    kl_warmup_steps: int = 1000
+    kl_warmup_steps: NonNegativeInt = 1000
     """Warm-up keeps the heavy KL term from collapsing q(z|x) onto the prior early on."""
 
 
@@ -102,18 +90,15 @@ class VAE(GenerativeModel):
                                      nn.Linear(flat, h), nn.ReLU(), nn.Linear(h, 2 * z))
         self.decoder = nn.Sequential(nn.Linear(z, h), nn.ReLU(), nn.Linear(h, flat),
                                      nn.Unflatten(1, flat_shape), *convs_up)
-        # A buffer, so a checkpoint carries it and a resumed run continues the warm-up.
-        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
+        self.register_load_state_dict_pre_hook(_drop_steps_done)
 
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"vae": torch.optim.Adam(self.parameters(), lr=self.config.lr)}
 
-    def on_step_end(self, step: int) -> None:
-        self.steps_done.fill_(step)
-
-    def kl_weight(self) -> Tensor | float:
+    def kl_weight(self, step: int) -> float:
+        """The KL term's weight after `step` completed training steps."""
         warmup = self.config.kl_warmup_steps
-        return self.config.beta * ((self.steps_done / warmup).clamp(max=1) if warmup else 1.0)
+        return self.config.beta * (min(step / warmup, 1.0) if warmup else 1.0)
 
     def _elbo_terms(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """-log p(x|z) at one z ~ q(z|x), and KL(q(z|x) || p(z)) in closed form; each (N,)."""
@@ -123,9 +108,9 @@ class VAE(GenerativeModel):
         kl = 0.5 * (mu**2 + logvar.exp() - 1 - logvar).sum(1)
         return recon, kl
 
-    def loss(self, batch: Batch) -> tuple[Tensor, Metrics]:
+    def loss(self, batch: Batch, *, step: int = 0) -> tuple[Tensor, Metrics]:
         recon, kl = self._elbo_terms(batch[0])
-        loss = (recon + self.kl_weight() * kl).mean()
+        loss = (recon + self.kl_weight(step) * kl).mean()
         return loss, {"recon": recon.mean().detach(), "kl": kl.mean().detach()}
 
     @torch.no_grad()
@@ -157,8 +142,15 @@ class VAE(GenerativeModel):
                generator: torch.Generator | None = None) -> Tensor:
         """Bernoulli means sigmoid(decoder(z)), z ~ p(z): grey levels, not binary draws.
         Unconditional: labels are ignored."""
-        z = noise((n, self.config.z_dim), device=self.steps_done.device, generator=generator)
+        z = noise((n, self.config.z_dim), device=next(self.parameters()).device, generator=generator)
         return torch.sigmoid(self.decoder(z))
+
+
+def _drop_steps_done(module: nn.Module, state_dict: dict[str, Tensor], prefix: str, *_) -> None:
+    """Drop the `steps_done` buffer of checkpoints written before `loss` took the step: the
+    trainer restores the step from the checkpoint itself, and every load of a checkpoint
+    (resume, evaluate, the served model) is strict, so the extra key would refuse them."""
+    state_dict.pop(prefix + "steps_done", None)
 
 
 def _bernoulli_nll(logits: Tensor, x: Tensor) -> Tensor:

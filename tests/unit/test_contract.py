@@ -4,6 +4,7 @@ family-specific promises are at the end."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -72,6 +73,23 @@ def test_every_config_rejects_bad_data_shape(family, bad):
 def test_config_rejects_bad_values(family, bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         FAMILIES[family][1].tiny(**bad)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("bad", [{"bogus": 1}, {"num_classes": "ten"}, {"image_size": 30}])
+def test_build_from_a_dict_validates_it(family, bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        build(family, bad)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_config_is_frozen(family):
+    config = FAMILIES[family][1].tiny()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.image_size = 32
+    assert dataclasses.replace(config, image_size=32).image_size == 32
+    with pytest.raises(ValueError, match="image_size"):
+        dataclasses.replace(config, image_size=30)
 
 
 # --- sampling --------------------------------------------------------------
@@ -210,7 +228,6 @@ def test_vae_log_prob_ignores_beta_and_warmup():
     """log_prob is the true bound; beta and the warm-up only weight the training loss."""
     beta = VAE(BetaVAEConfig.tiny(image_size=8, kl_warmup_steps=100))
     plain = VAE(VAEConfig.tiny(image_size=8))
-    beta.on_step_end(50)  # KL weight 4 * 50/100 = 2
     plain.load_state_dict(beta.state_dict())
     x, y = random_batch(beta, n=8)
 
@@ -219,23 +236,38 @@ def test_vae_log_prob_ignores_beta_and_warmup():
         return fn()
 
     assert torch.equal(under_seed(lambda: beta.log_prob(x)), under_seed(lambda: plain.log_prob(x)))
-    loss_beta, m = under_seed(lambda: beta.loss((x, y)))
-    loss_plain, _ = under_seed(lambda: plain.loss((x, y)))
+    loss_beta, m = under_seed(lambda: beta.loss((x, y), step=50))  # KL weight 4 * 50/100 = 2
+    loss_plain, _ = under_seed(lambda: plain.loss((x, y), step=50))
     assert m["kl"] > 0.01
     assert torch.allclose(loss_beta - loss_plain, m["kl"], atol=1e-4)  # weight 2 against weight 1
 
 
-def test_vae_kl_warmup_follows_the_step_and_survives_a_checkpoint():
+def test_vae_kl_warmup_follows_the_step():
+    """The weight is read from the step `loss` is given, which the trainer restores from a
+    checkpoint: a resumed run weights its first loss as the run it continues would have,
+    with nothing of the warm-up in the model's state."""
     model = VAE(BetaVAEConfig.tiny(beta=4.0, kl_warmup_steps=100))
-    assert float(model.kl_weight()) == 0.0
-    model.on_step_end(25)
-    assert float(model.kl_weight()) == pytest.approx(1.0)
+    assert model.kl_weight(0) == 0.0
+    assert model.kl_weight(25) == pytest.approx(1.0)
+    assert model.kl_weight(1000) == pytest.approx(4.0)
+    assert VAE(VAEConfig.tiny(beta=1.0)).kl_weight(0) == 1.0  # no warm-up: beta from step 0
+
     resumed = VAE(BetaVAEConfig.tiny(beta=4.0, kl_warmup_steps=100))
     resumed.load_state_dict(model.plain_state_dict())
-    assert float(resumed.kl_weight()) == pytest.approx(1.0)
-    resumed.on_step_end(1000)
-    assert float(resumed.kl_weight()) == pytest.approx(4.0)
-    assert float(VAE(VAEConfig.tiny(beta=1.0)).kl_weight()) == 1.0  # no warm-up: beta from step 0
+    x, y = random_batch(model, n=8)
+    loss, m = resumed.loss((x, y), step=25)
+    assert torch.allclose(loss, m["recon"] + 1.0 * m["kl"], atol=1e-4)
+    assert "steps_done" not in model.state_dict()
+
+
+def test_vae_loads_a_checkpoint_from_before_the_step_reached_loss():
+    """Checkpoints of that time carry a steps_done buffer; every load is strict."""
+    model = VAE(VAEConfig.tiny())
+    old = {**model.state_dict(), "steps_done": torch.tensor(7)}
+    fresh = VAE(VAEConfig.tiny())
+    fresh.load_state_dict(old)
+    assert "steps_done" in old  # the caller's dict is left as it was
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
 
 
 def test_vae_importance_samples_tighten_the_bound():
