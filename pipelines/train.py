@@ -12,6 +12,7 @@ name (and to workers restarted after a failure).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -69,11 +70,20 @@ class NonFiniteMetrics(RuntimeError):
     """Some rank's training metrics were NaN or infinite at a report."""
 
 
-def _all_finite(metrics: dict[str, float], device: torch.device) -> bool:
-    """True when every rank's metrics are finite: one all-reduce, so all ranks take the same branch."""
-    bad = torch.tensor([0.0 if all(math.isfinite(v) for v in metrics.values()) else 1.0], device=device)
-    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    return not bad.item()
+def _on_any_rank(flag: bool, device: torch.device) -> bool:
+    """True when `flag` is true on some rank: one all-reduce, so all ranks take the same branch."""
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+@contextlib.contextmanager
+def _files_in_a_directory(files: dict[str, bytes]):
+    """A temporary directory holding `files` (name -> content): a checkpoint handed over as bytes."""
+    with tempfile.TemporaryDirectory() as d:
+        for name, content in files.items():
+            (Path(d) / name).write_bytes(content)
+        yield d
 
 
 @dataclass
@@ -125,9 +135,8 @@ def train_loop(cfg: dict[str, Any]) -> None:
     # Ray Train's latest (a restart after a worker failure) first; else, in a search, the checkpoint
     # Tune hands the trial: its own on resume, a donor's after a PBT exploit.
     restarted = ray.train.get_checkpoint()
-    checkpoint = restarted or cfg.get("start_from")
-    if checkpoint:
-        with checkpoint.as_directory() as d:
+    if restarted or cfg.get("start_from"):
+        with (restarted.as_directory() if restarted else _files_in_a_directory(cfg["start_from"])) as d:
             saved, weights, optimizer_states = checkpoints.load_training_state(d)
         model.load_state_dict(weights)
         for name, opt in ctx.optimizers.items():
@@ -165,11 +174,12 @@ def train_loop(cfg: dict[str, Any]) -> None:
     snapshot = _Snapshot.take(model, ctx, start) if keep_snapshot else None
     resume_at = start
 
-    def report(step: int, metrics: dict[str, float]) -> None:
+    def report(step: int, metrics: dict[str, float]) -> bool:
+        """Log, checkpoint and report to Ray at `step`; True when Tune has stopped the trial (the run ends)."""
         nonlocal snapshot, resume_at
         # Before anything is logged or saved: a NaN never reaches MLflow or a checkpoint. Except in a
         # search trial, which scores a diverged run as the worst (tune.Validation) for the scheduler to stop.
-        if not searching and not _all_finite(metrics, device):
+        if not searching and _on_any_rank(not all(math.isfinite(v) for v in metrics.values()), device):
             raise NonFiniteMetrics(f"non-finite training metrics in the {spec.train.log_every} steps up to "
                                    f"step {step} on at least one rank")
         metrics = {f"train/{k}": v for k, v in metrics.items()}
@@ -181,8 +191,12 @@ def train_loop(cfg: dict[str, Any]) -> None:
             # A desync (e.g. a module called outside its DDP wrapper) shows up here, not in the samples.
             metrics["train/rank_param_spread"] = _rank_spread(model)
             metrics["train/peak_mem_mib"] = _peak_memory_mib(device)
-        if validate:
-            metrics |= validate(model)
+        if searching:
+            scored = validate(model) if validate else {}
+            # Tune stopped the trial (rank 0 heard it waiting for its go-ahead): every rank ends here.
+            if _on_any_rank(scored is None, device):
+                return True
+            metrics |= scored
         if logger:
             logger.log(metrics, step)
             if searching:  # Tune may stop the trial at this report: MLflow must have it by then
@@ -192,7 +206,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
             os.write(2, f"step {step}/{spec.train.steps} {shown}\n".encode())
         if not checkpoint_due:
             ray.train.report({**metrics, "step": step})
-            return
+            return False
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
                 checkpoints.save(Path(tmp), model_state=model.plain_state_dict(), meta={**meta, "step": step},
@@ -200,6 +214,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
                 ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
             else:
                 ray.train.report({**metrics, "step": step})
+        return False
 
     due = lambda done: (done % spec.train.log_every == 0 or done % spec.train.checkpoint_every == 0  # noqa: E731
                         or done == spec.train.steps)
@@ -209,7 +224,8 @@ def train_loop(cfg: dict[str, Any]) -> None:
             try:
                 for step, metrics in run_steps(model, ctx, batches, start=resume_at, stop=spec.train.steps,
                                                seed=spec.seed, device=device, report_due=due):
-                    report(step, metrics)
+                    if report(step, metrics):
+                        return
                 break
             except NonFiniteMetrics as e:
                 if spec.train.on_nan == "stop" or rollbacks == spec.train.max_rollbacks:

@@ -1,17 +1,19 @@
 """The tune stage: a Ray Tune search whose trials are each a DDP training run.
 
-Ray 2.60's shape (Train V2): the search is a Tune function trainable that
-launches a `TorchTrainer` per trial, so a trial's own actor only drives its
-training run and the run's workers hold the resources. Trials are
-`train.run` with two additions: rank 0 scores the model on the validation
-split at every report (FID on extractor features, or bits/dim), and every
-report carries a checkpoint, forwarded to Tune as the trial's checkpoint.
+Ray 2.60's shape (Train V2): a trial is a class trainable (`Trial`) that
+launches a `TorchTrainer`, so a trial's own actor only drives its training
+run and the run's workers hold the resources. Trials are `train.run` with two
+additions: rank 0 scores the model on the validation split at every report
+(FID on extractor features, or bits/dim), and every report carries a
+checkpoint, which Tune copies as the trial's checkpoint.
 
 Why not `TuneReportCallback`: it forwards metrics only (the checkpoint as a
 path metric), and a trial without Tune checkpoints can neither be exploited
 by PBT nor continue from its checkpoint when a search resumes. So a trial
 starts from whatever checkpoint Tune hands it — none, its own latest, or a
-PBT donor's — as a fresh Train run named after that checkpoint.
+PBT donor's — as a fresh Train run named after that checkpoint. Why a class,
+not a function trainable: its `cleanup` may wait for the Train run to end
+(a function trainable's is Tune's own, and does not wait).
 
 MLflow: the stage's run is the parent of the search; each trial opens its
 own child run (found again by trial id on resume), which the driver's
@@ -20,7 +22,6 @@ callback closes when Tune says the trial ended.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -33,9 +34,11 @@ from typing import Any
 
 import torch
 
+from ray import tune
+
 from gen_models import registry
 from gen_models.base import GenerativeModel
-from pipelines import checkpoints, metrics, ray_internals, storage, tracking, train
+from pipelines import checkpoints, metrics, storage, tracking, train
 from pipelines import data as datasets
 from pipelines.config import PipelineSpec
 from pipelines.errors import InvalidInput, StageFailed
@@ -87,11 +90,12 @@ class Validation:
         return metrics.extract(self.extractor, self.x_val.float() / 255)[0]
 
     @torch.no_grad()
-    def __call__(self, model: GenerativeModel) -> dict[str, float]:
+    def __call__(self, model: GenerativeModel) -> dict[str, float] | None:
+        """The trial's metric; None when the trial was stopped (the run ends here, logging nothing more)."""
         from pipelines.evaluate import bits_per_dim, draw
 
-        if self.pace is not None and self.calls:
-            self.pace.get()
+        if self.pace is not None and self.calls and self.pace.get() == STOP:
+            return None
         self.calls += 1
         # A plain copy: sampling through the DDP wrappers on one rank is asking for trouble.
         device = next(model.parameters()).device
@@ -107,85 +111,116 @@ class Validation:
         return {f"val/{self.metric}": value if math.isfinite(value) else math.inf}
 
 
-def _train_callbacks(queue):
-    """Train callbacks that hand the trial's actor a handle on the Train controller when the run starts
-    (see ray_internals.AbortTrainRunOnStop), then each report (rank 0's metrics, the checkpoint)."""
+def _forward_reports(queue):
+    """A Train callback that puts each report (rank 0's metrics, the checkpoint) on `queue`."""
     from ray.train import UserCallback
 
     class ForwardReports(UserCallback):
         def after_report(self, run_context, metrics, checkpoint):
-            queue.put(("report", metrics[0], checkpoint))
+            queue.put((metrics[0], checkpoint))
 
-    return [ray_internals.announce_controller(queue), ForwardReports()]
+    return ForwardReports()
 
 
 STARTS_TAG = "genpipe.starts"
+ORIGIN = "origin.json"  # in Tune's copy of a checkpoint: the trial that reported it
 
 
-def _record_start(c, run_id: str, step: int, checkpoint: str) -> None:
+def _record_start(c, run_id: str, step: int, trial_id: str) -> None:
     """Append this start to the trial run's list of starts: a PBT exploit shows as a start from another
     trial's checkpoint, a pause or a resumed search as one from the trial's own."""
     starts = json.loads(c.get_run(run_id).data.tags.get(STARTS_TAG, "[]"))
-    starts.append({"step": step, "checkpoint": "/".join(Path(checkpoint).parts[-2:])})  # trial dir/checkpoint
+    starts.append({"step": step, "trial": trial_id})
     while len(json.dumps(starts)) > 5000:  # MLflow's limit on a tag value: the latest starts matter most
         starts.pop(0)
     c.set_tag(run_id, STARTS_TAG, json.dumps(starts))
 
 
-def trial(config: dict[str, Any], *, spec: dict, prepared: dict, parent_run: str, tracking_uri: str,
-          storage_path: str, key: str) -> None:
-    """One trial (runs in its Tune actor): a Train run of the spec with `config`'s dotted fields set."""
-    import ray.tune
-    from mlflow.entities import Param
-    from mlflow.tracking import MlflowClient
-    from ray.util.queue import Queue
+class Trial(tune.Trainable):
+    """One trial: a Train run of the spec with the trial's values set (dotted spec fields).
 
-    base = PipelineSpec.model_validate(spec)
-    every = base.tune.eval_every
-    # Train keeps one checkpoint: Tune keeps the trial's history of them.
-    trial_spec = base.with_overrides({**config, "train.log_every": every, "train.checkpoint_every": every,
-                                      "train.num_to_keep": 1})
-    trial_id = ray.tune.get_context().get_trial_id()
-    c = MlflowClient(tracking_uri)
-    run_id = tracking.open_run(c, c.get_run(parent_run).info.experiment_id, name=f"{base.name}/tune/{trial_id}",
-                               key=f"{key}/{trial_id}", parent_id=parent_run, tags={TRIAL_TAG: trial_id})
-    if not c.get_run(run_id).data.params:  # params are immutable: the values the trial started with
-        c.log_batch(run_id, params=[Param(k, str(v)) for k, v in config.items()])
-    c.set_tag(run_id, "genpipe.trial_config", json.dumps(config))  # the values now, after any PBT exploit
+    Each `step` is one report of that run, with its checkpoint, which Tune copies as the trial's own
+    (`save_checkpoint`). The run starts at the first `step`, from the checkpoint Tune handed over in
+    `load_checkpoint` if any: the trial's own on resume, a PBT donor's after an exploit. When Tune stops
+    or pauses the trial, `cleanup` tells the run to end at its next report and waits until it has: its
+    workers' placement group is gone before Tune removes the trial's own (removing it first would kill
+    the run's controller under its workers).
+    """
 
-    start = ray.tune.get_checkpoint()
-    if start:  # where this start of the trial begins: its own checkpoint on resume, a donor's under PBT
-        with start.as_directory() as d:
-            step = checkpoints.read_meta(d)["step"]
-        _record_start(c, run_id, step, start.path)
-    # A fresh Train run per starting point: Train would otherwise resume its own latest checkpoint
-    # rather than the donor's a PBT exploit hands over.
-    origin = hashlib.sha256(start.path.encode()).hexdigest()[:8] if start else "start"
-    queue, pace = Queue(actor_options={"num_cpus": 0}), Queue(actor_options={"num_cpus": 0})
-    failure: list[Exception] = []
+    def setup(self, config: dict[str, Any], *, spec: dict, prepared: dict, parent_run: str, tracking_uri: str,
+              storage_path: str, key: str) -> None:
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+        from ray.util.queue import Queue
 
-    def fit() -> None:
-        try:
-            train.run(trial_spec, prepared["data"], run_id=run_id, tracking_uri=tracking_uri,
-                      storage_path=storage.join(storage_path, "trials"), name=f"{trial_id}-{origin}",
-                      callbacks=_train_callbacks(queue), start_from=start,
-                      validate=Validation(prepared, objective(base)[0], base.tune.eval_samples, base.seed, pace))
-        except Exception as e:  # raised again in the trial's thread, where Tune sees it
-            failure.append(e)
-        finally:
-            queue.put(None)
+        self.base = PipelineSpec.model_validate(spec)
+        every = self.base.tune.eval_every
+        # Train keeps one checkpoint: Tune keeps the trial's history of them.
+        self.spec = self.base.with_overrides({**config, "train.log_every": every, "train.checkpoint_every": every,
+                                              "train.num_to_keep": 1})
+        self.prepared, self.tracking_uri, self.storage_path = prepared, tracking_uri, storage_path
+        self.mlflow = MlflowClient(tracking_uri)
+        self.run_id = tracking.open_run(self.mlflow, self.mlflow.get_run(parent_run).info.experiment_id,
+                                        name=f"{self.base.name}/tune/{self.trial_id}", key=f"{key}/{self.trial_id}",
+                                        parent_id=parent_run, tags={TRIAL_TAG: self.trial_id})
+        if not self.mlflow.get_run(self.run_id).data.params:  # params are immutable: the values it started with
+            self.mlflow.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in config.items()])
+        self.mlflow.set_tag(self.run_id, "genpipe.trial_config", json.dumps(config))  # the values now
+        self.reports, self.pace = Queue(actor_options={"num_cpus": 0}), Queue(actor_options={"num_cpus": 0})
+        self.start: dict[str, bytes] | None = None
+        self.origin = "start"
+        self.fit: threading.Thread | None = None
+        self.failure: list[Exception] = []
+        self.last = None  # the latest report's Train checkpoint
 
-    # Train's fit blocks; the reports must reach Tune from this thread, the one Tune runs the trial in.
-    threading.Thread(target=fit, daemon=True).start()
-    while (item := queue.get()) is not None:
-        if item[0] == "controller":
-            ray_internals.trial_controller = item[1]
+    def load_checkpoint(self, checkpoint_dir: str) -> None:
+        # The files themselves go to the workers: on S3 this directory is a download on this node only,
+        # gone when this returns.
+        d = Path(checkpoint_dir)
+        self.start = {f.name: f.read_bytes() for f in d.iterdir() if f.is_file() and f.name != ORIGIN}
+        step = checkpoints.read_meta(checkpoint_dir)["step"]
+        donor = json.loads((d / ORIGIN).read_text())["trial_id"]
+        _record_start(self.mlflow, self.run_id, step, donor)
+        # A fresh Train run per starting point: Train would otherwise resume its own latest checkpoint
+        # rather than the one Tune hands over.
+        self.origin = f"{donor}-{step}"
+
+    def step(self) -> dict[str, Any]:
+        if self.fit is None:
+            self.fit = threading.Thread(target=self._fit, daemon=True)
+            self.fit.start()
         else:
-            ray.tune.report(item[1], checkpoint=item[2])  # returns once Tune wants the next report
-            pace.put(True)
-    ray_internals.trial_controller = None  # the run has ended on its own
-    if failure:
-        raise failure[0]
+            self.pace.put(True)  # Tune has taken the previous report
+        item = self.reports.get()
+        if item is None:
+            raise self.failure[0] if self.failure else StageFailed(f"trial {self.trial_id}: its run ended early")
+        metrics, self.last = item
+        return {**metrics, "should_checkpoint": True, "done": metrics["step"] >= self.spec.train.steps}
+
+    def _fit(self) -> None:
+        try:
+            train.run(self.spec, self.prepared["data"], run_id=self.run_id, tracking_uri=self.tracking_uri,
+                      storage_path=storage.join(self.storage_path, "trials"), name=f"{self.trial_id}-{self.origin}",
+                      callbacks=[_forward_reports(self.reports)], start_from=self.start,
+                      validate=Validation(self.prepared, objective(self.base)[0], self.base.tune.eval_samples,
+                                          self.base.seed, self.pace))
+        except Exception as e:  # raised again by `step`, in the thread Tune calls it from
+            self.failure.append(e)
+        finally:
+            self.reports.put(None)
+
+    def save_checkpoint(self, checkpoint_dir: str) -> None:
+        self.last.to_directory(checkpoint_dir)
+        (Path(checkpoint_dir) / ORIGIN).write_text(json.dumps({"trial_id": self.trial_id}))
+
+    def cleanup(self) -> None:
+        if self.fit is not None:
+            self.pace.put(STOP)
+            self.fit.join(timeout=STOP_TIMEOUT_S)
+
+
+STOP = "stop"  # on a trial's pace queue: end the run at its next report
+STOP_TIMEOUT_S = 120  # past this Tune goes on, and Train's PlacementGroupCleaner frees what the run held
 
 
 def trial_run(c, parent_run: str, trial_id: str):
@@ -199,7 +234,6 @@ def trial_run(c, parent_run: str, trial_id: str):
 def _trial_runs_callback(tracking_uri: str, parent_run: str, metric: str):
     """Closes each trial's MLflow run when Tune says the trial ended, and prints one line per result."""
     from mlflow.tracking import MlflowClient
-    from ray import tune
 
     class TrialRuns(tune.Callback):
         def _close(self, trial, status: str) -> None:
@@ -222,8 +256,6 @@ def _trial_runs_callback(tracking_uri: str, parent_run: str, metric: str):
 
 
 def _domain(dim):
-    from ray import tune
-
     values = getattr(dim, dim.kind)
     return {"choice": lambda: tune.choice(values), "grid": lambda: tune.grid_search(values),
             "uniform": lambda: tune.uniform(*values), "loguniform": lambda: tune.loguniform(*values),
@@ -277,7 +309,6 @@ def run(spec: PipelineSpec, prepared: dict, *, run_id: str, tracking_uri: str, s
     """Search; log the trials table; return the best trial's checkpoint, config and metric."""
     import ray
     from mlflow.tracking import MlflowClient
-    from ray import tune
 
     metric, mode = objective(spec)
     # Tune snapshots the experiment at every checkpoint when it prunes them, which is what lets a killed
@@ -285,9 +316,8 @@ def run(spec: PipelineSpec, prepared: dict, *, run_id: str, tracking_uri: str, s
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     ray.init(log_to_driver=False)  # the trials' worker logs would drown the progress lines
     t = spec.tune
-    trainable = tune.with_parameters(trial, spec=spec.to_dict(), prepared=prepared, parent_run=run_id,
+    trainable = tune.with_parameters(Trial, spec=spec.to_dict(), prepared=prepared, parent_run=run_id,
                                      tracking_uri=tracking_uri, storage_path=storage_path, key=key)
-    ray_internals.abort_train_run_on_stop(trainable)
     trainable = tune.with_resources(
         trainable,
         # The trial actor only drives its Train run, whose workers reserve the CPUs (GPUs): a trial actor

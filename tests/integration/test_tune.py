@@ -101,7 +101,7 @@ def test_search_commands_refuse_specs_that_do_not_fit(home):
 def _checkpointed_trials(search: Path) -> set[str]:
     """Trials with a checkpoint that the experiment state (what a resume restores) was saved after."""
     saved = max((s.stat().st_mtime for s in search.glob("experiment_state-*.json")), default=0)
-    return {d.name for d in search.glob("trial_*") if any(c.stat().st_mtime < saved for c in d.glob("checkpoint_*"))}
+    return {d.name for d in search.glob("Trial_*") if any(c.stat().st_mtime < saved for c in d.glob("checkpoint_*"))}
 
 
 def test_a_killed_search_resumes_without_rerunning_or_duplicating(home):
@@ -165,14 +165,14 @@ def test_pbt_exploited_trial_continues_from_the_donors_checkpoint_and_step(home)
     # Synchronous PBT pauses every trial at a perturbation: each starts again, from its own checkpoint
     # or, exploited, from the other's.
     starts = {tid: json.loads(t.data.tags.get("genpipe.starts", "[]")) for tid, t in trials.items()}
-    exploits = [(tid, s) for tid, ss in starts.items() for s in ss if tid not in s["checkpoint"]]
+    exploits = [(tid, s) for tid, ss in starts.items() for s in ss if s["trial"] != tid]
     assert exploits, f"no trial was exploited: {starts}"
     steps = {tid: sorted(m.step for m in c.get_metric_history(t.info.run_id, "val/bits_per_dim"))
              for tid, t in trials.items()}
     during = [(tid, s) for tid, s in exploits if s["step"] < PBT_STEPS]  # one at the last step has nothing to run
     assert during, exploits
     for tid, s in during:
-        (donor,) = [d for d in trials if d in s["checkpoint"]]
+        donor = s["trial"]
         # it goes on from the donor's step, where the donor reported: not from its own step or from 0
         assert s["step"] in steps[donor] and s["step"] + 20 in steps[tid]
     for tid, t in trials.items():
