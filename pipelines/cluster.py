@@ -269,18 +269,18 @@ class Cluster:
         followed instead of submitting another: a second one would train the same run beside it.
         """
         metadata = {"genpipe_stage": stage, "genpipe_dir": stage_dir, "genpipe_key": key}
-        job_id = self._running_job(stage, key, stage_dir)
-        earlier = job_id is not None
         with self._go_lock:
-            waiting = self.pending.pop(stage, None) if earlier else self.pending.get(stage)
-        if earlier and waiting:
-            self._cancel(*waiting)  # submitted ahead for a stage that turns out to be running already
-            waiting = None
-        # A new job's id is chosen before its submission, so a Ctrl-C or SIGTERM that lands while
-        # the request is in flight still stops the job the head may have created.
-        job_id = job_id or (waiting[0] if waiting else f"genpipe-{stage}-{uuid.uuid4().hex[:8]}")
+            waiting = self.pending.get(stage)
+        # The job's id is known before anything is asked of the head, so that a Ctrl-C or SIGTERM landing
+        # at any point from here on stops the job this stage has (waiting for its go, or just submitted).
+        job_id = waiting[0] if waiting else f"genpipe-{stage}-{uuid.uuid4().hex[:8]}"
         try:
-            if earlier:
+            if earlier := self._running_job(stage, key, stage_dir):
+                with self._go_lock:
+                    waiting = self.pending.pop(stage, None)
+                if waiting:
+                    self._cancel(*waiting)  # submitted ahead for a stage that turns out to be running already
+                job_id = earlier
                 self.log(f"[{stage}] job {job_id} from an earlier call is still running: following it")
             elif waiting:
                 with self._go_lock:  # so that no lease renewal overwrites the go
