@@ -446,7 +446,8 @@ class LogTail:
         self._partial = ""  # received after the last newline
         self._closed = False
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._consume(),),
+        self._task = self._loop.create_task(self._consume())
+        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._task,),
                                         name=f"tail-{job_id}", daemon=True)
         self._thread.start()
 
@@ -484,7 +485,7 @@ class LogTail:
         """Stop the thread, then pass on the rest of the log."""
         with self._lock:
             self._closed = True
-        self._loop.call_soon_threadsafe(lambda: [t.cancel() for t in asyncio.all_tasks(self._loop)])
+        self._loop.call_soon_threadsafe(self._task.cancel)
         try:
             self.catch_up(final=True)
         except Exception:

@@ -170,7 +170,7 @@ class Trial(tune.Trainable):
         self.start: dict[str, bytes] | None = None
         self.origin = "start"
         self.fit: threading.Thread | None = None
-        self.failure: list[Exception] = []
+        self.failure: Exception | None = None  # what ended the Train run, raised again by `step`
         self.last = None  # the latest report's Train checkpoint
 
     def load_checkpoint(self, checkpoint_dir: str) -> None:
@@ -193,7 +193,7 @@ class Trial(tune.Trainable):
             self.pace.put(True)  # Tune has taken the previous report
         item = self.reports.get()
         if item is None:
-            raise self.failure[0] if self.failure else StageFailed(f"trial {self.trial_id}: its run ended early")
+            raise self.failure or StageFailed(f"trial {self.trial_id}: its run ended early")
         metrics, self.last = item
         return {**metrics, "should_checkpoint": True, "done": metrics["step"] >= self.spec.train.steps}
 
@@ -205,7 +205,7 @@ class Trial(tune.Trainable):
                       validate=Validation(self.prepared, objective(self.base)[0], self.base.tune.eval_samples,
                                           self.base.seed, self.pace))
         except Exception as e:  # raised again by `step`, in the thread Tune calls it from
-            self.failure.append(e)
+            self.failure = e
         finally:
             self.reports.put(None)
 
