@@ -173,6 +173,20 @@ class Trial(tune.Trainable):
         self.failure: Exception | None = None  # what ended the Train run, raised again by `step`
         self.last = None  # the latest report's Train checkpoint
 
+    def restore(self, checkpoint_path) -> None:
+        # Tune deletes a trial's older checkpoints (CheckpointConfig.num_to_keep) as soon as it has a newer
+        # one, but snapshots the experiment (what a resumed search restores from) after that, in the
+        # background: a search killed in between names a checkpoint that is gone, and Ray refuses to
+        # restore it. The trial's newest checkpoint is the one the next snapshot would have named.
+        ckpt = getattr(checkpoint_path, "checkpoint", None)
+        if ckpt is not None and not _exists(ckpt.filesystem, ckpt.path):
+            newest = _newest_checkpoint(ckpt.filesystem, os.path.dirname(ckpt.path))
+            if newest is not None:
+                print(f"trial {self.trial_id}: {os.path.basename(ckpt.path)} is gone (the search was stopped before "
+                      f"Tune recorded a newer one); continuing from {os.path.basename(newest.path)}", flush=True)
+                checkpoint_path = type(checkpoint_path)(checkpoint=newest, metrics=checkpoint_path.metrics)
+        super().restore(checkpoint_path)
+
     def load_checkpoint(self, checkpoint_dir: str) -> None:
         # The files themselves go to the workers: on S3 this directory is a download on this node only,
         # gone when this returns.
@@ -217,6 +231,21 @@ class Trial(tune.Trainable):
         if self.fit is not None:
             self.pace.put(STOP)
             self.fit.join(timeout=STOP_TIMEOUT_S)
+
+
+def _exists(fs, path: str) -> bool:
+    import pyarrow.fs
+
+    return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+
+
+def _newest_checkpoint(fs, trial_dir: str):
+    """The trial directory's newest `checkpoint_NNNNNN` (Tune numbers them in order), if any."""
+    import pyarrow.fs
+
+    found = [i.path for i in fs.get_file_info(pyarrow.fs.FileSelector(trial_dir, allow_not_found=True))
+             if i.type == pyarrow.fs.FileType.Directory and os.path.basename(i.path).startswith("checkpoint_")]
+    return tune.Checkpoint(max(found, key=os.path.basename), filesystem=fs) if found else None
 
 
 STOP = "stop"  # on a trial's pace queue: end the run at its next report

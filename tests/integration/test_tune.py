@@ -126,6 +126,13 @@ def test_a_killed_search_resumes_without_rerunning_or_duplicating(home):
                 if t.info.status == "FINISHED"} - {None}
     assert finished  # the trial that ended before the cut
     train_runs = {p.name for p in (tune_dir / "trials").iterdir()}
+    # Tune deletes a trial's older checkpoint as soon as it has a newer one (num_to_keep: 1) and records
+    # that in the experiment state only later: a cut in between leaves the state naming a checkpoint that
+    # is gone. Make that window happen: the interrupted trial's newest checkpoint gets the next number.
+    search = next(tune_dir.glob("search-*"))
+    cut = next(d for d in search.glob("Trial_*") if not d.name.startswith(tuple("Trial_" + t for t in finished)))
+    newest = max(cut.glob("checkpoint_*"))
+    newest.rename(newest.with_name(f"checkpoint_{int(newest.name.split('_')[1]) + 1:06d}"))
 
     r = genpipe(home, *args)  # without --resume: refused, the interrupted search is left as it was
     assert r.returncode == 2 and "continue it with --resume" in r.stderr, r.stderr[-2000:]
