@@ -11,8 +11,7 @@ stages' manifests (process start, work start, finish) and the train run's
 `train/img_per_s` history from MLflow. "Compute" is what a bare script would
 also spend: prepare's work (shards, extractor), the training steps themselves,
 evaluate's sampling and metrics, register's packaging. Everything else is
-orchestration overhead. The data-path figure times a worker's read of the
-prepared train shards (checksums verified) against the steps it feeds.
+orchestration overhead (the data path has its own benchmark, data_path.py).
 Prints a table and one JSON line.
 """
 
@@ -88,14 +87,6 @@ def measure(home: Path, env: dict, config: str, sets: list[str], run: str) -> No
     peak = client.get_metric_history(result["runs"]["train"], "train/peak_mem_mib")
     peak_mib = max((m.value for m in peak), default=float("nan"))
 
-    # Data path: a worker reads and verifies the whole train split once, then indexes it in memory.
-    from pipelines import data as datasets
-
-    data_manifest = json.loads((root / "prepare" / "manifest.json").read_text())["outputs"]["data"]
-    t_load = time.perf_counter()
-    datasets.load_split(data_manifest, "train")
-    load_s = time.perf_counter() - t_load
-
     work = {s: t[s]["finished_at"] - t[s]["work_started_at"] for s in stages}
     # A stage job submitted ahead of its turn starts up while the stage in front of it runs: only the part
     # of its start-up (process start to imports done, `ready_at`) that is still going on once that stage
@@ -129,14 +120,12 @@ def measure(home: Path, env: dict, config: str, sets: list[str], run: str) -> No
     print(f"{'total':58} {wall:7.1f}   overhead {overhead:.1f} s = {overhead / wall:.1%}")
     img_per_s = steps_done * spec.train.batch_size / loop_s if loop_s else 0.0
     print(f"stage start-up hidden behind the stage in front (jobs submitted ahead of their turn): {hidden:.1f} s")
-    print(f"data path: shards read and verified in {load_s:.2f} s per worker, once; steps {loop_s:.1f} s: "
-          f"ratio {loop_s / (loop_s + load_s):.3f} against data already in memory")
     print(f"train: {img_per_s:.0f} img/s over {steps_done} steps; peak memory per worker {peak_mib:.0f} MiB")
     print(json.dumps({"benchmark": "orchestration", "config": config, "sets": sets, "head": run, "wall_s": round(wall, 1),
                       "overhead_s": round(overhead, 1), "overhead_share": round(overhead / wall, 3),
                       "startup_hidden_s": round(hidden, 1),
                       "train_img_per_s": round(img_per_s, 1),
-                      "peak_mem_mib_per_worker": round(peak_mib, 1), "shard_load_s": round(load_s, 3), "data_path_ratio": round(loop_s / (loop_s + load_s), 4),
+                      "peak_mem_mib_per_worker": round(peak_mib, 1),
                       "metrics": result.get("metrics", {}),
                       "parts": {k: round(v, 2) for k, v in parts.items()}}))
 

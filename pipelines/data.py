@@ -16,7 +16,9 @@ import hashlib
 import io
 import json
 import logging
+import os
 import sys
+import tempfile
 import time
 import zipfile
 import zlib
@@ -451,3 +453,121 @@ def load_split(manifest: dict, split: str, *, rank: int = 0, world_size: int = 1
     if not xs:
         return torch.empty(0, *manifest["shape"], dtype=torch.uint8), torch.empty(0, dtype=torch.int64)
     return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+
+
+# -----------------------------------------------------------------------------
+# a split read in place: what training streams from
+
+SHARD_CACHE_ENV = "GENPIPE_SHARD_CACHE"  # where a node keeps the S3 shards it trains on
+
+
+class ShardedImages:
+    """A split's images, read by index from its shard files in place: only the labels are held in memory.
+
+    A shard is an uncompressed npz (a zip of .npy files, stored, not deflated), so image i of a shard is
+    `item` bytes at a fixed offset in the file, and a batch is one positioned read per image. The OS page
+    cache keeps what is read often; the process itself holds one batch. A local shard is read where it
+    is; an S3 shard is first copied, verified, into a node-local cache (GENPIPE_SHARD_CACHE, default
+    {tmp}/genpipe-shards), which every rank on the node shares: training draws a fresh random order each
+    epoch (`steps.StepBatches`), and random reads from S3 itself would cost a request per image.
+
+    Indexing with a tensor of indices returns a uint8 tensor, like the in-memory split does, so
+    StepBatches takes either.
+    """
+
+    device = torch.device("cpu")  # where indices are built for it (StepBatches)
+
+    def __init__(self, manifest: dict, split: str):
+        if split not in manifest["splits"]:
+            raise InvalidInput(f"split {split!r} not in manifest; it has {', '.join(manifest['splits'])}")
+        self.shape = tuple(manifest["shape"])
+        self.item = int(np.prod(self.shape))
+        self.files, self.x_offsets, labels = [], [], []
+        for shard in manifest["splits"][split]["shards"]:
+            f = open(_local_shard(shard), "rb", buffering=0)  # noqa: SIM115 - open for this object's life
+            x_at = _array_at(f, "x", np.uint8, (shard["count"], *self.shape), shard["uri"])
+            y_at = _array_at(f, "y", np.int64, (shard["count"],), shard["uri"])
+            labels.append(np.frombuffer(os.pread(f.fileno(), 8 * shard["count"], y_at), "<i8"))
+            self.files.append(f)
+            self.x_offsets.append(x_at)
+        counts = [s["count"] for s in manifest["splits"][split]["shards"]]
+        self.starts = np.cumsum([0, *counts])
+        self.y = torch.from_numpy(np.concatenate(labels) if labels else np.empty(0, np.int64)).clone()
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
+        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+        out = np.empty((len(idx), self.item), np.uint8)
+        shards = np.searchsorted(self.starts, idx, side="right") - 1
+        for row, (s, i) in enumerate(zip(shards.tolist(), (idx - self.starts[shards]).tolist())):
+            os.preadv(self.files[s].fileno(), [out[row]], self.x_offsets[s] + i * self.item)
+        return torch.from_numpy(out).view(len(idx), *self.shape)
+
+
+def _array_at(f, name: str, dtype, shape: tuple[int, ...], uri: str) -> int:
+    """Where array `name` of the npz open as `f` starts in the file, checked against what the manifest says."""
+    try:
+        info = zipfile.ZipFile(f).getinfo(f"{name}.npy")
+        f.seek(info.header_offset)
+        local = f.read(30)  # a zip local file header, then the name and the extra field
+        if info.compress_type != zipfile.ZIP_STORED or local[:4] != b"PK\x03\x04":
+            raise ValueError("not a stored member")
+        f.seek(info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little"))
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        got_shape, fortran, got_dtype = read_header(f)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        raise InvalidInput(f"{uri} is corrupt: not a readable npz ({type(e).__name__}: {e})") from None
+    if fortran or got_dtype != np.dtype(dtype).newbyteorder("<") or tuple(got_shape) != shape:
+        raise InvalidInput(f"{uri} is corrupt: its arrays do not match the manifest")
+    return f.tell()
+
+
+def _local_shard(shard: dict) -> str:
+    """A local path holding the shard: the file itself, or, for S3, this node's verified copy."""
+    if not storage.is_s3(shard["uri"]):
+        return shard["uri"]
+    cache = Path(os.environ.get(SHARD_CACHE_ENV) or Path(tempfile.gettempdir(), "genpipe-shards"))
+    path = cache / f"{shard['sha256']}.npz"  # named by content: a cached file is the right one or absent
+    if path.exists():
+        return str(path)
+    from pipelines.tracking import file_lock
+
+    with file_lock(cache / f"{shard['sha256']}.lock"):  # the node's other ranks wait, then find it there
+        if not path.exists():
+            tmp = path.with_suffix(f".{os.getpid()}.part")
+            try:
+                storage.download(shard["uri"], str(tmp))
+            except FileNotFoundError:
+                raise InvalidInput(f"{shard['uri']} is missing") from None
+            got = _file_sha256(tmp)
+            if got != shard["sha256"]:
+                tmp.unlink()
+                raise InvalidInput(f"{shard['uri']} is corrupt: checksum {got[:12]} != recorded {shard['sha256'][:12]}")
+            os.replace(tmp, path)
+    return str(path)
+
+
+def _file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_split(manifest: dict, split: str) -> None:
+    """Every shard of the split is there and is what prepare wrote (InvalidInput if not), read in chunks:
+    a local shard where it is, an S3 one into this node's cache, where this node's workers then find it."""
+    for shard in manifest["splits"][split]["shards"]:
+        path = _local_shard(shard)
+        if storage.is_s3(shard["uri"]):
+            continue  # verified on its way into the cache
+        try:
+            got = _file_sha256(path)
+        except FileNotFoundError:
+            raise InvalidInput(f"{shard['uri']} is missing") from None
+        if got != shard["sha256"]:
+            raise InvalidInput(f"{shard['uri']} is corrupt: checksum {got[:12]} != recorded {shard['sha256'][:12]}")

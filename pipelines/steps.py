@@ -25,10 +25,11 @@ class StepBatches:
 
     The global batch at a step is the same whatever the world size; rank r
     takes its r-th contiguous slice. So 2 workers x b see exactly what
-    1 worker x 2b sees.
+    1 worker x 2b sees. `x` is any uint8 image set indexed by a tensor of
+    indices: a tensor, or a split read in place (`data.ShardedImages`).
     """
 
-    def __init__(self, x: Tensor, y: Tensor, *, global_batch: int, seed: int, rank: int, world: int,
+    def __init__(self, x, y: Tensor, *, global_batch: int, seed: int, rank: int, world: int,
                  memory_format: torch.memory_format = torch.contiguous_format):
         self.x, self.y = x, y
         self.memory_format = memory_format

@@ -1,6 +1,7 @@
 """The train stage: Ray Train runs `train_loop` on every DDP worker.
 
-Each worker holds its shard of the training split in memory and runs the
+Each worker reads its images of each batch from the training split's shards
+(`data.ShardedImages`: nothing but the labels in memory) and runs the
 step-indexed loop of `pipelines.steps`, so where training stands is one
 integer and a run resumed from a checkpoint at step k continues exactly as
 the uninterrupted run would have. Rank 0 logs to MLflow through
@@ -119,9 +120,8 @@ def train_loop(cfg: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
 
     manifest = cfg["data"]
-    x, y = datasets.load_split(manifest, "train")
-    # The whole uint8 split on the device (47 MB for Fashion-MNIST): no host copy per step.
-    x, y = x.to(device), y.to(device)
+    # Read in place, batch by batch: a worker's memory does not grow with the dataset.
+    x = datasets.ShardedImages(manifest, "train")
     c, h, _ = manifest["shape"]
     model_cfg = spec.model.build_config(image_size=h, channels=c, num_classes=manifest["num_classes"])
     torch.manual_seed(spec.seed)  # identical initial weights on every rank
@@ -157,7 +157,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
         for m in model.compile_modules().values():
             m.compile()  # in place: state_dict keys stay as they are
 
-    batches = StepBatches(x, y, global_batch=spec.train.batch_size, seed=spec.seed, rank=rank, world=world,
+    batches = StepBatches(x, x.y, global_batch=spec.train.batch_size, seed=spec.seed, rank=rank, world=world,
                           memory_format=memory_format)
     # A restart recomputes, bit for bit, the steps between its checkpoint and the failure: those already
     # in MLflow are not logged twice.
@@ -247,7 +247,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
 
 def stage(job: StageJob) -> dict:
     # Verify the shards here, where a bad one is a clean exit 2, not a failure inside every worker.
-    datasets.load_split(job.inputs["prepare"]["data"], "train")
+    datasets.verify_split(job.inputs["prepare"]["data"], "train")
     return {"checkpoint": run(job.spec, job.inputs["prepare"]["data"], run_id=job.run_id,
                               tracking_uri=job.tracking_uri, storage_path=job.stage_dir,
                               name=f"{job.spec.name}-{job.key}")}

@@ -65,7 +65,8 @@ def home_env(path: Path, moto_s3: dict) -> dict:
     """The environment of a `genpipe` on GENPIPE_HOME=PATH: moto's S3, and none of the Ray, MLflow, AWS or
     genpipe settings of whoever runs the suite (a cluster address, a tracking server, a profile, a token)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_", "AWS_", "GENPIPE_"))}
-    return {**env, **moto_s3, "GENPIPE_HOME": str(path)}
+    # The node cache of S3 shards (pipelines/data.py) in the home too: nothing left in the machine's /tmp.
+    return {**env, **moto_s3, "GENPIPE_HOME": str(path), "GENPIPE_SHARD_CACHE": str(path / "shard-cache")}
 
 
 @pytest.fixture(scope="session")

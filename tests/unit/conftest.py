@@ -5,6 +5,7 @@ import torch
 from sklearn.datasets import load_digits
 
 from pipelines.metrics import Extractor, extract, fid_from_features, train_extractor
+from tests.realparts import moto_s3  # noqa: F401 - the S3 server of the storage tests
 
 
 @pytest.fixture(scope="session")

@@ -103,6 +103,43 @@ def test_ranks_partition_a_split(digits, tmp_path):
         data.load_split(m, "train", rank=3, world_size=3)
 
 
+def test_a_split_read_in_place_is_the_split(digits, tmp_path):
+    m = data.split_and_shard(digits, val_fraction=0.1, seed=0, shard_size=300, out_uri=str(tmp_path))
+    x, y = data.load_split(m, "train")
+    s = data.ShardedImages(m, "train")
+    assert len(s) == len(x) and len(m["splits"]["train"]["shards"]) > 3 and torch.equal(s.y, y)
+    idx = torch.cat([torch.randperm(len(x)), torch.tensor([0, 299, 300, len(x) - 1, 300])])  # shard edges, repeats
+    got = s[idx]
+    assert got.dtype == torch.uint8 and torch.equal(got, x[idx])
+    data.verify_split(m, "train")
+
+
+def test_a_split_on_s3_is_read_from_a_verified_node_cache(digits, tmp_path, moto_s3, monkeypatch):
+    for k, v in moto_s3.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv(data.SHARD_CACHE_ENV, str(tmp_path / "cache"))
+    storage._s3.cache_clear()
+    m = data.split_and_shard(digits, val_fraction=0.1, seed=0, shard_size=500, out_uri="s3://genpipe/sharded")
+    x, _ = data.load_split(m, "train")
+    assert torch.equal(data.ShardedImages(m, "train")[torch.arange(len(x))], x)
+    cached = sorted(p.name for p in (tmp_path / "cache").glob("*.npz"))
+    assert cached == sorted(f"{s['sha256']}.npz" for s in m["splits"]["train"]["shards"])
+    # A shard changed on S3 since prepare: refused on its way in, nothing left in the cache.
+    shard = m["splits"]["val"]["shards"][0]
+    storage.write_bytes(shard["uri"], storage.read_bytes(shard["uri"])[:-1] + b"!")
+    with pytest.raises(InvalidInput, match=f"{shard['uri']} is corrupt: checksum"):
+        data.verify_split(m, "val")
+    assert not list((tmp_path / "cache").glob(f"{shard['sha256']}*.npz")) and not list((tmp_path / "cache").glob("*.part"))
+    storage._s3.cache_clear()
+
+
+def test_a_shard_that_does_not_match_its_manifest_is_invalid_input(digits, tmp_path):
+    m = data.split_and_shard(digits, val_fraction=0.1, seed=0, shard_size=500, out_uri=str(tmp_path))
+    m["shape"] = [1, 16, 16]
+    with pytest.raises(InvalidInput, match="its arrays do not match the manifest"):
+        data.ShardedImages(m, "train")
+
+
 def test_corrupt_shard_is_invalid_input(digits, tmp_path):
     m = data.split_and_shard(digits, val_fraction=0.1, seed=0, shard_size=500, out_uri=str(tmp_path))
     shard = Path(m["splits"]["train"]["shards"][1]["uri"])
@@ -111,6 +148,8 @@ def test_corrupt_shard_is_invalid_input(digits, tmp_path):
     shard.write_bytes(bytes(blob))
     with pytest.raises(InvalidInput, match="is corrupt"):
         data.load_split(m, "train")
+    with pytest.raises(InvalidInput, match=f"{shard} is corrupt: checksum"):
+        data.verify_split(m, "train")
 
 
 def test_truncated_npz_with_matching_checksum_is_invalid_input(digits, tmp_path):
