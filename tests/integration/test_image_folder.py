@@ -1,5 +1,6 @@
 """Your own images through the real CLI: a folder on S3 (moto), decoded by Ray tasks on the session's
-head, a bad file refused and then skipped, the lineage in MLflow. The conversions, archives, labels and
+head, a bad file refused and then skipped, the lineage in MLflow, then a pipeline on S3 storage to a
+registered model of 32x32 RGB images. The conversions, archives, labels and
 data version are tests/unit/test_images.py's."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 import boto3
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -19,7 +21,7 @@ from pipelines.config import DataSpec
 from pipelines.data import prepare
 from pipelines.models import _dataset_lines
 from tests.imagesets import photo_patches
-from tests.realparts import genpipe
+from tests.realparts import genpipe, last_json
 
 pytestmark = pytest.mark.integration
 
@@ -103,3 +105,19 @@ def test_an_image_folder_on_s3_is_prepared_by_ray_tasks(home, tmp_path, monkeypa
         f"  79 images (train {n['train']['count']}, val {n['val']['count']}, test {n['test']['count']}), 32x32x3, "
         "2 classes (subfolders), bad files skipped: 1"]
     assert _dataset_lines(c, None) == ["dataset: - (no prepare run in the lineage)"]
+
+    # On to a registered, evaluated model: the same prepare (done above), training reading the 32x32 RGB
+    # shards from S3 through the node's cache, a sampled version whose lineage names the folder.
+    r = genpipe(home, "pipeline", *base, "--set", "data.on_bad_image=skip", "--set", "storage=s3://genpipe/store",
+                "--set", "train.steps=20", "--set", "evaluate.num_samples=200",
+                "--set", "registry.model_name=photos-dcgan")
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = last_json(r.stdout)
+    assert out["version"] == 1 and all(np.isfinite(out["metrics"][k]) for k in ("fid", "kid", "precision"))
+    cache = home["path"] / "shard-cache"
+    trained = json.loads(storage.read_bytes("s3://genpipe/store/photos/prepare/manifest.json"))["outputs"]["data"]
+    assert {p.name for p in cache.glob("*.npz")} >= {f"{s['sha256']}.npz" for s in trained["splits"]["train"]["shards"]}
+    shown = genpipe(home, "models", "show", "photos-dcgan@champion")
+    assert shown.returncode == 0 and "dataset image_folder:photos: s3://genpipe/photos (s3)" in shown.stdout, shown.stdout
+    r = genpipe(home, "sample", "models:/photos-dcgan@champion", "-n", "4", "--out", str(tmp_path / "s.npy"))
+    assert r.returncode == 0 and np.load(tmp_path / "s.npy").shape == (4, 3, 32, 32), r.stderr[-2000:]
