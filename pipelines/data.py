@@ -471,8 +471,8 @@ class ShardedImages:
     {tmp}/genpipe-shards), which every rank on the node shares: training draws a fresh random order each
     epoch (`steps.StepBatches`), and random reads from S3 itself would cost a request per image.
 
-    Indexing with a tensor of indices returns a uint8 tensor, like the in-memory split does, so
-    StepBatches takes either.
+    Indexed by a tensor of indices, a slice or an int, it returns a uint8 tensor as the in-memory split
+    does, so StepBatches and the evaluation's batches take either.
     """
 
     device = torch.device("cpu")  # where indices are built for it (StepBatches)
@@ -497,8 +497,10 @@ class ShardedImages:
     def __len__(self) -> int:
         return int(self.starts[-1])
 
-    def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
-        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+    def __getitem__(self, idx: torch.Tensor | slice | int) -> torch.Tensor:
+        if isinstance(idx, int):
+            return self[torch.tensor([range(len(self))[idx]])][0]  # negative counts from the end, as a tensor's
+        idx = np.arange(*idx.indices(len(self))) if isinstance(idx, slice) else np.asarray(idx, np.int64).reshape(-1)
         out = np.empty((len(idx), self.item), np.uint8)
         shards = np.searchsorted(self.starts, idx, side="right") - 1
         for row, (s, i) in enumerate(zip(shards.tolist(), (idx - self.starts[shards]).tolist())):

@@ -114,7 +114,8 @@ def run(spec: PipelineSpec, prepared: dict, checkpoint_uri: str, *, out_uri: str
     if labels is not None:
         results["conditional_accuracy"] = float((logits.argmax(1) == labels.cpu().numpy()).mean())
     if model.has_log_prob:
-        x_test, _ = datasets.load_split(prepared["data"], "test")
+        datasets.verify_split(prepared["data"], "test")
+        x_test = datasets.ShardedImages(prepared["data"], "test")  # read a batch at a time
         with torch.random.fork_rng(devices=[]):  # ELBOs and dequantisation draw noise: the same noise on a re-run
             torch.manual_seed(spec.seed)
             results["bits_per_dim"] = bits_per_dim(model, x_test)

@@ -111,6 +111,7 @@ def test_a_split_read_in_place_is_the_split(digits, tmp_path):
     idx = torch.cat([torch.randperm(len(x)), torch.tensor([0, 299, 300, len(x) - 1, 300])])  # shard edges, repeats
     got = s[idx]
     assert got.dtype == torch.uint8 and torch.equal(got, x[idx])
+    assert torch.equal(s[295:610], x[295:610]) and torch.equal(s[-1], x[-1]) and torch.equal(s[0], x[0])
     data.verify_split(m, "train")
 
 
