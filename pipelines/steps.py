@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterator
 
 import torch
@@ -37,6 +38,8 @@ class StepBatches:
         self.global_batch, self.seed, self.rank, self.world = global_batch, seed, rank, world
         self.local = global_batch // world
         self._perms: dict[int, Tensor] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        self._ahead: tuple[int, Future] | None = None  # (step, its batch being read)
 
     def _perm(self, epoch: int) -> Tensor:
         if epoch not in self._perms:
@@ -57,9 +60,30 @@ class StepBatches:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def batch(self, step: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        x, y = self._take(step, device)
+        x = x.to(device, non_blocking=True).float().div_(255)
+        return x.contiguous(memory_format=self.memory_format), y.to(device, non_blocking=True)
+
+    def _take(self, step: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The uint8 images and labels of `step`. A split read from disk is read a step ahead, in a thread,
+        into pinned memory for a GPU: the reads and the copy to the device overlap the step before."""
+        if isinstance(self.x, Tensor):
+            idx = self.indices(step)
+            return self.x[idx], self.y[idx]
+        pin = device.type == "cuda"
+        ahead, self._ahead = self._ahead, None
+        got = ahead[1].result() if ahead else None  # waited for even when unused: one thread at a time
+        if ahead is None or ahead[0] != step:  # the first step, or a jump (a resume, a rollback)
+            got = self._read(step, pin)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="read-ahead")
+        self._ahead = (step + 1, self._pool.submit(self._read, step + 1, pin))
+        return got
+
+    def _read(self, step: int, pin: bool) -> tuple[Tensor, Tensor]:
         idx = self.indices(step)
-        x = self.x[idx].to(device, non_blocking=True).float().div_(255)
-        return x.contiguous(memory_format=self.memory_format), self.y[idx].to(device, non_blocking=True)
+        x, y = self.x[idx], self.y[idx]
+        return (x.pin_memory(), y.pin_memory()) if pin else (x, y)
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:

@@ -10,6 +10,7 @@ import torch
 from pipelines import data, storage
 from pipelines.config import DataSpec
 from pipelines.errors import InvalidInput
+from pipelines.steps import StepBatches
 from tests.imagesets import fashion_pngs
 
 
@@ -113,6 +114,14 @@ def test_a_split_read_in_place_is_the_split(digits, tmp_path):
     assert got.dtype == torch.uint8 and torch.equal(got, x[idx])
     assert torch.equal(s[295:610], x[295:610]) and torch.equal(s[-1], x[-1]) and torch.equal(s[0], x[0])
     data.verify_split(m, "train")
+    # Training's batches: read a step ahead from disk, they are those of the split in memory, in order,
+    # after a jump ahead (a resume) and back (a rollback).
+    cpu = torch.device("cpu")
+    in_memory = StepBatches(x, y, global_batch=48, seed=1, rank=1, world=2)
+    from_disk = StepBatches(s, s.y, global_batch=48, seed=1, rank=1, world=2)
+    for step in (0, 1, 2, 40, 41, 3, 4):
+        for a, b in zip(in_memory.batch(step, cpu), from_disk.batch(step, cpu)):
+            assert torch.equal(a, b), step
 
 
 def test_a_split_on_s3_is_read_from_a_verified_node_cache(digits, tmp_path, moto_s3, monkeypatch):
