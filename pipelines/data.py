@@ -542,34 +542,33 @@ def _local_shard(shard: dict) -> str:
             tmp = path.with_suffix(f".{os.getpid()}.part")
             try:
                 storage.download(shard["uri"], str(tmp))
+                _verify_file(tmp, shard)
             except FileNotFoundError:
                 raise InvalidInput(f"{shard['uri']} is missing") from None
-            got = _file_sha256(tmp)
-            if got != shard["sha256"]:
+            except InvalidInput:
                 tmp.unlink()
-                raise InvalidInput(f"{shard['uri']} is corrupt: checksum {got[:12]} != recorded {shard['sha256'][:12]}")
+                raise
             os.replace(tmp, path)
     return str(path)
 
 
-def _file_sha256(path) -> str:
+def _verify_file(path, shard: dict) -> None:
+    """The file at `path` is the shard prepare wrote (InvalidInput if not), hashed a MiB at a time."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    except FileNotFoundError:
+        raise InvalidInput(f"{shard['uri']} is missing") from None
+    storage.check_sha256(shard["uri"], h.hexdigest(), shard["sha256"])
 
 
 def verify_split(manifest: dict, split: str) -> None:
-    """Every shard of the split is there and is what prepare wrote (InvalidInput if not), read in chunks:
-    a local shard where it is, an S3 one into this node's cache, where this node's workers then find it."""
+    """Every shard of the split is there and is what prepare wrote (InvalidInput if not): a local shard
+    where it is, an S3 one on its way into this node's cache, where the node's workers then find it."""
     for shard in manifest["splits"][split]["shards"]:
-        path = _local_shard(shard)
         if storage.is_s3(shard["uri"]):
-            continue  # verified on its way into the cache
-        try:
-            got = _file_sha256(path)
-        except FileNotFoundError:
-            raise InvalidInput(f"{shard['uri']} is missing") from None
-        if got != shard["sha256"]:
-            raise InvalidInput(f"{shard['uri']} is corrupt: checksum {got[:12]} != recorded {shard['sha256'][:12]}")
+            _local_shard(shard)
+        else:
+            _verify_file(shard["uri"], shard)

@@ -204,6 +204,10 @@ def read_verified(uri: str, expected_sha256: str) -> bytes:
         data = read_bytes(uri)
     except FileNotFoundError:
         raise InvalidInput(f"{uri} is missing") from None
-    if sha256(data) != expected_sha256:
-        raise InvalidInput(f"{uri} is corrupt: checksum {sha256(data)[:12]} != recorded {expected_sha256[:12]}")
+    check_sha256(uri, sha256(data), expected_sha256)
     return data
+
+
+def check_sha256(uri: str, got: str, expected: str) -> None:
+    if got != expected:
+        raise InvalidInput(f"{uri} is corrupt: checksum {got[:12]} != recorded {expected[:12]}")
