@@ -87,10 +87,12 @@ class DataSpec(Section):
 
 
 class ExtractorSpec(Section):
-    kind: Literal["classifier", "inception"] = "classifier"
-    """Features of FID/KID/IS/precision-recall: a classifier fitted on the data once per data hash, or Inception v3."""
+    kind: Literal["auto", "classifier", "rotation", "inception"] = "auto"
+    """Features of FID/KID/IS/precision-recall: a small CNN fitted on the train split once per data hash, to
+    its labels (`classifier`) or, needing none, to tell which way up its images were turned (`rotation`); or
+    Inception v3. `auto`: classifier where the data has two classes or more, else rotation."""
     epochs: int = Field(2, ge=1)
-    """Epochs of the evaluation classifier (kind classifier)."""
+    """Epochs of the fitted extractor (kinds classifier and rotation)."""
     weights_uri: str | None = None
     """Inception v3 weights (torchvision's state dict, safetensors or torch.save), a local path or s3://; never
     downloaded. Required by kind inception."""
@@ -324,8 +326,20 @@ class PipelineSpec(Section):
         # Caught here, at submission; data.labels that turn out to name one class are prepare's to refuse.
         if self.data.source == "image_folder" and self.data.labels is None and self.extractor.kind == "classifier":
             raise ValueError("extractor.kind classifier is fitted on labels and data.labels is none: set data.labels "
-                             "(subfolders or a labels file), or use extractor.kind inception with extractor.weights_uri")
+                             "(subfolders or a labels file), or use extractor.kind rotation (or auto), which needs "
+                             "none")
         return self
+
+    def extractor_kind(self, num_classes: int) -> str:
+        """extractor.kind for the prepared data, which has `num_classes` classes, with `auto` resolved. Labels
+        that name one class show only once the data is read: prepare asks this, not the validator above."""
+        one_class = num_classes < 2
+        if self.extractor.kind == "auto":
+            return "rotation" if one_class else "classifier"
+        if self.extractor.kind == "classifier" and one_class:
+            raise InvalidInput(f"extractor.kind classifier is fitted on labels, and those of {self.data.uri} name one "
+                               "class: label at least two, or use extractor.kind rotation (or auto), which needs none")
+        return self.extractor.kind
 
     @model_validator(mode="after")
     def _searchable(self) -> "PipelineSpec":

@@ -102,16 +102,20 @@ def run(spec: PipelineSpec, prepared: dict, checkpoint_uri: str, *, out_uri: str
     sample_s = time.perf_counter() - t0
     feats, logits = metrics.extract(extractor, samples)
     kid_mean, kid_std = metrics.kid(feats, ref.features, subset_size=min(1000, n, len(ref.features)))
-    is_mean, is_std = metrics.inception_score(logits)
     precision, recall = metrics.precision_recall(ref.features[:n], feats[:len(ref.features)])
     sampler, sample_steps = model.sampling_cost()
     results = {
         "fid": metrics.fid(*_stats(feats), ref.mu, ref.sigma),
-        "kid": kid_mean, "kid_std": kid_std, "is": is_mean, "is_std": is_std,
-        "precision": precision, "recall": recall,
+        "kid": kid_mean, "kid_std": kid_std, "precision": precision, "recall": recall,
         "sample_img_per_s": n / sample_s, "sample_steps": sample_steps,
     }
-    if labels is not None:
+    # Logits are classes only for a classifier (on the data's labels) and Inception (ImageNet's); a rotation
+    # extractor's say which way up a sample looks, and samples that all look upright would score IS 1.
+    # Manifests from before there were other kinds have no kind: a classifier's or Inception's.
+    kind = prepared["extractor"].get("kind", "classifier")
+    if kind != "rotation":
+        results["is"], results["is_std"] = metrics.inception_score(logits)
+    if labels is not None and kind == "classifier":
         results["conditional_accuracy"] = float((logits.argmax(1) == labels.cpu().numpy()).mean())
     if model.has_log_prob:
         datasets.verify_split(prepared["data"], "test")

@@ -1,5 +1,5 @@
 """The prepare stage: the data source -> content-hashed shards, then the FID extractor and reference
-statistics, fitted (or loaded, for Inception) once per data hash."""
+statistics, fitted (or loaded, for Inception) once per data hash and extractor kind."""
 
 from __future__ import annotations
 
@@ -29,11 +29,8 @@ def prepare(spec: PipelineSpec, root: str, run_id: str, tracking_uri: str) -> di
     manifest = datasets.prepare(d, seed=spec.seed, out_uri=out)
     data_hash = manifest["data_hash"]
 
-    e = spec.extractor
-    if e.kind == "classifier" and manifest["num_classes"] < 2:  # an image folder's labels name one class
-        raise InvalidInput(f"extractor.kind classifier is fitted on labels, and those of {d.uri} name one class: "
-                           "label at least two, or use extractor.kind inception with extractor.weights_uri")
-    if e.kind == "inception":
+    e, kind = spec.extractor, spec.extractor_kind(manifest["num_classes"])
+    if kind == "inception":
         try:
             weights = storage.read_bytes(e.weights_uri)
         except (FileNotFoundError, IsADirectoryError):
@@ -41,30 +38,39 @@ def prepare(spec: PipelineSpec, root: str, run_id: str, tracking_uri: str) -> di
                                "never downloaded: put torchvision's inception_v3 weights there)") from None
         ext_dir = storage.join(root, "extractors", f"{data_hash[:32]}-inception-{storage.sha256(weights)[:16]}")
     else:
-        ext_dir = storage.join(root, "extractors", f"{data_hash[:32]}-e{e.epochs}")
+        # a classifier's keeps the name it had before there were other kinds: its weights are still the same
+        named = "" if kind == "classifier" else f"-{kind}"
+        ext_dir = storage.join(root, "extractors", f"{data_hash[:32]}{named}-e{e.epochs}")
     ext_uri, ref_uri, info_uri = (storage.join(ext_dir, n) for n in ("extractor.safetensors", "reference.npz",
                                                                       "extractor.json"))
     if storage.exists(info_uri):
         info = json.loads(storage.read_bytes(info_uri))
-        print(f"{e.kind} extractor for data {data_hash[:12]} already there", flush=True)
+        print(f"{kind} extractor for data {data_hash[:12]} already there", flush=True)
     else:
         xt, yt = datasets.load_split(manifest, "test")
         t0 = time.perf_counter()
-        if e.kind == "inception":
+        if kind == "inception":
             ext, acc = metrics.inception_from_weights(weights, e.weights_uri), None  # ImageNet classes: no accuracy
         else:
             x, y = datasets.load_split(manifest, "train")
             ext, acc = metrics.train_extractor(x, y, num_classes=manifest["num_classes"], epochs=e.epochs,
-                                               seed=spec.seed, x_test=xt, y_test=yt)
+                                               seed=spec.seed, x_test=xt, y_test=yt, kind=kind)
         feats, _ = metrics.extract(ext, xt.float() / 255)
         ref = metrics.reference_stats(feats)
         ext_bytes, ref_bytes = metrics.save_extractor(ext), ref.to_bytes()
         storage.write_bytes(ext_uri, ext_bytes)
         storage.write_bytes(ref_uri, ref_bytes)
-        info = {"test_accuracy": acc, "extractor_sha256": storage.sha256(ext_bytes),
+        # test_accuracy (extractor/test_accuracy in MLflow) is a classifier's on the labels, or none; rotation's
+        # accuracy only says whether it learned anything at all, so it is printed and kept apart
+        info = {"test_accuracy": acc if kind == "classifier" else None, "extractor_sha256": storage.sha256(ext_bytes),
                 "reference_sha256": storage.sha256(ref_bytes), "seconds": time.perf_counter() - t0}
+        if kind == "rotation":
+            info["rotation_accuracy"] = acc
         storage.write_bytes(info_uri, json.dumps(info).encode())  # last: marks the pair complete
-        print(f"{e.kind} extractor and reference statistics ready in {info['seconds']:.0f}s", flush=True)
+        print(f"{kind} extractor and reference statistics ready in {info['seconds']:.0f}s", flush=True)
+    if "rotation_accuracy" in info:
+        print(f"extractor tells {info['rotation_accuracy']:.1%} of the test split's rotations apart (25% is chance)",
+              flush=True)
     if info["test_accuracy"] is not None:
         print(f"extractor test accuracy {info['test_accuracy']:.4f}", flush=True)
 
@@ -77,5 +83,6 @@ def prepare(spec: PipelineSpec, root: str, run_id: str, tracking_uri: str) -> di
     c.log_inputs(run_id, [DatasetInput(datasets.lineage(manifest), tags=[
         InputTag("mlflow.data.context", "training"), InputTag("genpipe.shards", out)])])
     return {"data": manifest,
-            "extractor": {"uri": ext_uri, "sha256": info["extractor_sha256"], "test_accuracy": info["test_accuracy"]},
+            "extractor": {"kind": kind, "uri": ext_uri, "sha256": info["extractor_sha256"],
+                          "test_accuracy": info["test_accuracy"]},
             "reference": {"uri": ref_uri, "sha256": info["reference_sha256"]}}

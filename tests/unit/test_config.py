@@ -50,6 +50,23 @@ def test_bad_yaml_and_missing_file(tmp_path):
         config.load(tmp_path / "nope.yaml")
 
 
+@pytest.mark.parametrize("kind, num_classes, fitted", [
+    ("auto", 10, "classifier"), ("auto", 1, "rotation"), ("classifier", 2, "classifier"), ("rotation", 10, "rotation"),
+    ("inception", 1, "inception"),
+])
+def test_the_extractor_kind_follows_the_classes_of_the_data(kind, num_classes, fitted):
+    spec = config.load(None, [f"extractor.kind={kind}", "extractor.weights_uri=/w.pth"])
+    assert spec.extractor_kind(num_classes) == fitted
+
+
+def test_a_classifier_of_one_class_is_refused_and_told_what_needs_no_labels():
+    # labels that name one class show only once prepare has read the data
+    spec = config.load(None, ["data.source=image_folder", "data.uri=/imgs", "data.image_size=32",
+                              "data.labels=labels.csv", "extractor.kind=classifier"])
+    with pytest.raises(InvalidInput, match="those of /imgs name one class: .* use extractor.kind rotation"):
+        spec.extractor_kind(num_classes=1)
+
+
 def test_hash_is_stable_and_sectioned():
     a = config.load(None, ["train.steps=5"])
     b = config.load(None, ["train.steps=5"])

@@ -336,10 +336,12 @@ def test_the_spec_checks_the_fields_of_its_source(tmp_path):
         DataSpec(source="image_folder", uri="s3://b/p", image_size=30)
     with pytest.raises(ValueError, match="only local paths and s3://"):
         DataSpec(source="image_folder", uri="http://host/x", image_size=32)
-    # unlabeled images cannot fit the default extractor, a classifier: refused at submission
+    # unlabeled images cannot fit a classifier: asked for, it is refused at submission; the default needs no labels
+    unlabeled = ["data.source=image_folder", "data.uri=s3://b/p", "data.image_size=32"]
     with pytest.raises(InvalidInput, match="extractor.kind classifier is fitted on labels and data.labels is none"):
-        config.load(None, ["data.source=image_folder", "data.uri=s3://b/p", "data.image_size=32"])
-    assert config.load(None, ["data.source=image_folder", "data.uri=s3://b/p", "data.image_size=32",
-                              "extractor.kind=inception", "extractor.weights_uri=/w.pth"]).data.labels is None
+        config.load(None, [*unlabeled, "extractor.kind=classifier"])
+    assert config.load(None, unlabeled).extractor_kind(num_classes=1) == "rotation"
+    assert config.load(None, [*unlabeled, "extractor.kind=inception",
+                              "extractor.weights_uri=/w.pth"]).data.labels is None
     # a relative path is made absolute where the spec is read
     assert DataSpec(source="image_folder", uri="imgs", image_size=32).uri == os.path.abspath("imgs")

@@ -1,3 +1,5 @@
+from dataclasses import dataclass
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -89,10 +91,14 @@ def test_extractor_learns_digits(digits_extractor):
     assert acc > 0.85
 
 
-def test_extractor_is_deterministic_and_round_trips(digits, digits_extractor):
-    model, _ = digits_extractor
-    twin, _ = metrics.train_extractor(digits["x_train_uint8"], digits["y_train"], num_classes=10, epochs=10, seed=0)
-    assert metrics.extractor_hash(twin) == metrics.extractor_hash(model)
+@pytest.mark.parametrize("kind", metrics.PRETEXTS)
+def test_extractor_is_deterministic_and_round_trips(digits, digits_extractor, kind):
+    def fit() -> metrics.Extractor:
+        return metrics.train_extractor(digits["x_train_uint8"], digits["y_train"], num_classes=10, epochs=10, seed=0,
+                                       kind=kind)[0]
+
+    model = digits_extractor[0] if kind == "classifier" else fit()
+    assert metrics.extractor_hash(fit()) == metrics.extractor_hash(model)
     loaded = metrics.load_extractor(metrics.save_extractor(model))
     x = digits["x_test"]
     assert np.array_equal(metrics.extract(loaded, x)[1], metrics.extract(model, x)[1])
@@ -123,6 +129,90 @@ def test_extractor_learns_fashion_mnist(tmp_path):
     x_test, y_test = data.load_split(m, "test")
     _, acc = metrics.train_extractor(x, y, num_classes=10, epochs=2, seed=0, x_test=x_test, y_test=y_test)
     assert acc >= 0.88
+
+
+@dataclass(frozen=True)
+class Source:
+    """uint8 images of one data source, split; the epochs that fit an extractor to them in seconds; the
+    sigmas in pixels of a light and a heavy blur of them. Blurs per source: 0.4 px barely touches a photo, and
+    1 px blurs an 8x8 digit past what half noise hides of it."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    epochs: int
+    blurs: tuple[float, float]
+
+
+def photo_crops(per_photo: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random size x size crops of scikit-learn's two sample photos at full resolution, the photo the class."""
+    from sklearn.datasets import load_sample_images
+
+    rng = np.random.default_rng(0)
+    crops, labels = [], []
+    for label, photo in enumerate(load_sample_images().images):
+        h, w, _ = photo.shape
+        for y, x in zip(rng.integers(0, h - size, per_photo), rng.integers(0, w - size, per_photo)):
+            crops.append(photo[y:y + size, x:x + size].transpose(2, 0, 1))
+            labels.append(label)
+    return torch.from_numpy(np.stack(crops)), torch.tensor(labels)
+
+
+@pytest.fixture(scope="session")
+def source(request, digits) -> Source:
+    """The sources the tests have, parametrised by name (indirect); subsets, so that fitting takes seconds."""
+    if request.param == "digits":
+        return Source(digits["x_train_uint8"], digits["y_train"], digits["x_test_uint8"], digits["y_test"], 10, 10,
+                      (0.4, 0.7))
+    if request.param == "fashion_mnist":
+        if not data.DEBIAN_FASHION_MNIST.is_dir():
+            pytest.skip("no Debian fashion-mnist package")
+        raw = data.load_source("fashion_mnist", None)
+        return Source(torch.from_numpy(raw.x_train[:6000]), torch.from_numpy(raw.y_train[:6000]),
+                      torch.from_numpy(raw.x_test[:1000]), torch.from_numpy(raw.y_test[:1000]), 10, 2, (0.7, 1.5))
+    x, y = photo_crops(per_photo=1200, size=16)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))  # both photos in either split
+    train, test = perm[len(x) // 6:], perm[:len(x) // 6]
+    return Source(x[train], y[train], x[test], y[test], 2, 10, (0.7, 1.5))
+
+
+def degraded(x: torch.Tensor, blurs: tuple[float, float]) -> dict[str, torch.Tensor]:
+    """Images in [0, 1] and four ever worse versions of them: a light and a heavy Gaussian blur (kernel out
+    to 2 sigma, reflected at the border), a 50/50 blend with uniform noise, and uniform noise alone."""
+    from torchvision.transforms.functional import gaussian_blur
+
+    def blur(sigma: float) -> torch.Tensor:
+        k = 2 * int(np.ceil(2 * sigma)) + 1
+        return gaussian_blur(x, [k, k], [sigma, sigma])
+
+    noise = torch.rand(x.shape, generator=torch.Generator().manual_seed(1))
+    return {"real": x, "light blur": blur(blurs[0]), "heavy blur": blur(blurs[1]), "half noise": (x + noise) / 2,
+            "noise": noise}
+
+
+# Inception (kind inception) is not here: its weights are never downloaded, so it cannot be fitted or judged.
+@pytest.mark.parametrize("source", ["digits", "fashion_mnist", "photos"], indirect=True)
+@pytest.mark.parametrize("kind", metrics.PRETEXTS)
+def test_fid_ranks_real_blurred_and_noisy_images(kind, source):
+    """FID against the test split's reference statistics: train-split images (as many as the test split
+    has) < lightly blurred < heavily blurred < half noise < noise, strictly, on every extractor a kind fits.
+
+    Measured, in that order: digits classifier 2.45 4.55 57.4 65.5 70.5, rotation 0.197 0.442 7.53 15.6 37.8;
+    Fashion-MNIST classifier 2.27 25.3 99.3 171 262, rotation 0.358 3.27 11.3 30.4 52.8; photos classifier
+    2.11 10.0 15.8 442 1470, rotation 0.233 0.292 0.394 2.25 9.9. Rotations teach little on crops of photos
+    (29 % of the test split's told apart, 25 % is chance) but enough: seeds 1 and 2 rank all five too, light
+    blur / real 1.12 and 1.16, where the untrained network's 0.94 fails."""
+    model, _ = metrics.train_extractor(source.x_train, source.y_train, num_classes=source.num_classes,
+                                       epochs=source.epochs, seed=0, kind=kind)
+    ref = metrics.reference_stats(metrics.extract(model, source.x_test.float() / 255)[0])
+    real = source.x_train[:len(source.x_test)].float() / 255
+    fids = {}
+    for name, images in degraded(real, source.blurs).items():
+        f, _ = metrics.extract(model, images)
+        fids[name] = metrics.fid(f.mean(0), np.cov(f, rowvar=False), ref.mu, ref.sigma)
+    assert list(fids.values()) == sorted(set(fids.values())), fids
 
 
 def test_inception_extractor_takes_torchvision_weights_and_round_trips(tmp_path):
