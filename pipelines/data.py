@@ -476,16 +476,21 @@ class ShardedImages:
     """
 
     device = torch.device("cpu")  # where indices are built for it (StepBatches)
+    dtype = torch.uint8
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self), *self.image_shape)
 
     def __init__(self, manifest: dict, split: str):
         if split not in manifest["splits"]:
             raise InvalidInput(f"split {split!r} not in manifest; it has {', '.join(manifest['splits'])}")
-        self.shape = tuple(manifest["shape"])
-        self.item = int(np.prod(self.shape))
+        self.image_shape = tuple(manifest["shape"])
+        self.item = int(np.prod(self.image_shape))
         self.files, self.x_offsets, labels = [], [], []
         for shard in manifest["splits"][split]["shards"]:
             f = open(_local_shard(shard), "rb", buffering=0)  # noqa: SIM115 - open for this object's life
-            x_at = _array_at(f, "x", np.uint8, (shard["count"], *self.shape), shard["uri"])
+            x_at = _array_at(f, "x", np.uint8, (shard["count"], *self.image_shape), shard["uri"])
             y_at = _array_at(f, "y", np.int64, (shard["count"],), shard["uri"])
             labels.append(np.frombuffer(os.pread(f.fileno(), 8 * shard["count"], y_at), "<i8"))
             self.files.append(f)
@@ -505,7 +510,7 @@ class ShardedImages:
         shards = np.searchsorted(self.starts, idx, side="right") - 1
         for row, (s, i) in enumerate(zip(shards.tolist(), (idx - self.starts[shards]).tolist())):
             os.preadv(self.files[s].fileno(), [out[row]], self.x_offsets[s] + i * self.item)
-        return torch.from_numpy(out).view(len(idx), *self.shape)
+        return torch.from_numpy(out).view(len(idx), *self.image_shape)
 
 
 def _array_at(f, name: str, dtype, shape: tuple[int, ...], uri: str) -> int:

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipelines.data import load_npz, npz_bytes
+from pipelines.data import ShardedImages, load_npz, npz_bytes
 from pipelines.errors import InvalidInput
 
 # -----------------------------------------------------------------------------
@@ -89,15 +89,21 @@ PRETEXTS = {
 }
 
 
+TEST_IMAGES = 10_000
+
+
 def train_extractor(
-    x_uint8: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray, *, num_classes: int, epochs: int, seed: int,
+    x_uint8: torch.Tensor | np.ndarray | ShardedImages, y: torch.Tensor | np.ndarray, *, num_classes: int, epochs: int,
+    seed: int,
     x_test: torch.Tensor | np.ndarray | None = None, y_test: torch.Tensor | np.ndarray | None = None,
     batch_size: int = 256, kind: str = "classifier",
 ) -> tuple[Extractor, float | None]:
     """An extractor fitted to the `PRETEXTS[kind]` of these images, and its accuracy at that on the test
     split when one is given: label accuracy for the classifier, rotations told apart for rotation."""
     pretext = PRETEXTS[kind]
-    x_uint8, y = torch.as_tensor(x_uint8), torch.as_tensor(y)
+    # A split read in place stays on disk: only each batch is read
+    x_uint8 = torch.as_tensor(x_uint8) if isinstance(x_uint8, np.ndarray) else x_uint8
+    y = torch.as_tensor(y)
     if x_uint8.dtype != torch.uint8:
         raise TypeError(f"train_extractor wants uint8 images, got {x_uint8.dtype}")
     # a private RNG stream: the same seed gives the same weights, and the caller's RNG is left as it was
@@ -121,6 +127,8 @@ def train_extractor(
     model.eval()
     if x_test is None or y_test is None:
         return model, None
+    # At most 10,000 test images (Fashion-MNIST's whole test split): enough to tell an accuracy to about 1 %
+    x_test, y_test = x_test[:TEST_IMAGES], y_test[:TEST_IMAGES]
     inputs, targets = pretext.batch(torch.as_tensor(x_test).float() / 255, torch.as_tensor(y_test),
                                     torch.Generator().manual_seed(seed))
     _, logits = extract(model, inputs)
@@ -142,6 +150,15 @@ def extract(extractor: Extractor, images: torch.Tensor, batch_size: int = 512) -
         logits.append(extractor.head(f).double().cpu())
     extractor.train(was_training)
     return torch.cat(feats).numpy(), torch.cat(logits).numpy()
+
+
+def extract_uint8(extractor: Extractor, images: torch.Tensor | ShardedImages, batch_size: int = 512
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """`extract` of uint8 images (a tensor, or a split read in place), scaled to [0, 1] a batch at a
+    time: a split is never all in memory, let alone as floats (4 bytes a value)."""
+    parts = [extract(extractor, images[i:i + batch_size].float() / 255, batch_size)
+             for i in range(0, len(images), batch_size)]
+    return np.concatenate([f for f, _ in parts]), np.concatenate([g for _, g in parts])
 
 
 class InceptionExtractor(nn.Module):

@@ -77,8 +77,8 @@ class Validation:
         self.pace, self.calls = pace, 0
 
     @cached_property
-    def x_val(self) -> torch.Tensor:
-        return datasets.load_split(self.prepared["data"], "val")[0]
+    def x_val(self) -> datasets.ShardedImages:
+        return datasets.ShardedImages(self.prepared["data"], "val")  # read a batch at a time
 
     @cached_property
     def extractor(self) -> metrics.Extractor:
@@ -87,7 +87,7 @@ class Validation:
 
     @cached_property
     def val_features(self):
-        return metrics.extract(self.extractor, self.x_val.float() / 255)[0]
+        return metrics.extract_uint8(self.extractor, self.x_val)[0]
 
     @torch.no_grad()
     def __call__(self, model: GenerativeModel) -> dict[str, float] | None:
