@@ -27,6 +27,7 @@ from gen_models.base import Batch, GenerativeModel, Metrics, from_unit, to_unit
 from gen_models.config import Decay, ModelConfig, config_dataclass
 from gen_models.diffusion.samplers import ddim_sample, ddpm_sample
 from gen_models.diffusion.schedules import NoiseSchedule, cosine_betas, linear_betas
+from gen_models.nn.layers import resolution_steps
 from gen_models.nn.unet import NORM_GROUPS, UNet
 
 
@@ -43,10 +44,12 @@ class DDPMConfig(ModelConfig):
     """Last beta of the linear schedule, as for T = 1000; scaled by 1000 / timesteps."""
     base_channels: int = Field(64, ge=NORM_GROUPS, multiple_of=NORM_GROUPS)
     """UNet width at full resolution; a multiple of 8 (the GroupNorm groups)."""
-    channel_mults: Annotated[tuple[PositiveInt, ...], Field(min_length=1)] = (1, 2, 2)
+    channel_mults: Annotated[tuple[PositiveInt, ...], Field(min_length=1)] | None = None
     """UNet width of each level as a multiple of base_channels. The image is halved
-    between levels, len - 1 times, so image_size must be divisible by 2^(len - 1):
-    (1, 2, 2) takes 28 -> 14 -> 7 and 32 -> 16 -> 8."""
+    between levels, len - 1 times, so image_size must be divisible by 2^(len - 1).
+    None: (1, 2, ..., 2), one halving per resolution step (gen_models.nn.layers):
+    (1, 2, 2) at 8 and 28 (28 -> 14 -> 7), Ho et al.'s (1, 2, 2, 2) at 32 (down to
+    4x4), (1, 2, 2, 2, 2) at 64. See `unet_channel_mults`."""
     num_res_blocks: PositiveInt = 2
     """Residual blocks per UNet level on the way down (one more on the way up)."""
     lr: PositiveFloat = 2e-4
@@ -68,13 +71,20 @@ class DDPMConfig(ModelConfig):
         scale = 1000 / self.timesteps
         if self.schedule == "linear" and not self.beta_end * scale < 1:
             raise ValueError(f"beta_end * 1000 / timesteps must be < 1, got {self.beta_end} * {scale:g}")
-        halvings = len(self.channel_mults) - 1
+        halvings = len(self.unet_channel_mults) - 1
         if self.image_size % 2**halvings:
             raise ValueError(f"channel_mults {self.channel_mults} halve image_size {self.image_size} "
                              f"{halvings} times; it must be divisible by {2**halvings}")
         if self.sample_steps > self.timesteps:
             raise ValueError(f"sample_steps must be <= timesteps ({self.timesteps}), got {self.sample_steps}")
         return self
+
+    @property
+    def unet_channel_mults(self) -> tuple[int, ...]:
+        """The UNet's channel_mults: as given, or derived from image_size when None."""
+        if self.channel_mults is not None:
+            return self.channel_mults
+        return (1,) + (2,) * resolution_steps(self.image_size)
 
     @classmethod
     def tiny(cls, **overrides) -> DDPMConfig:
@@ -90,7 +100,7 @@ class DDPM(GenerativeModel):
                  else cosine_betas(config.timesteps))
         self.schedule = NoiseSchedule(betas)
         self.unet = UNet(channels=config.channels, base_channels=config.base_channels,
-                         channel_mults=config.channel_mults, num_res_blocks=config.num_res_blocks)
+                         channel_mults=config.unet_channel_mults, num_res_blocks=config.num_res_blocks)
         self.ema = _as_buffers(copy.deepcopy(self.unet))
         # EMA tensor names in the order of unet.parameters(), which DDP wrapping keeps.
         self._ema_names = [name for name, _ in self.unet.named_parameters()]

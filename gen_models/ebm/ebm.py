@@ -17,13 +17,21 @@ follows grows with them.
 Images stay in [0, 1] (no rescaling to [-1, 1]): the paper's step size 10 and
 noise 0.005 are tuned for that range, and the chain clamps to it.
 
-    E: (C, s, s) -> (h, s/2, s/2) -> (2h, s/4, s/4) -> (2h, s/4, s/4) -> scalar   SiLU throughout
+    E: (C, s, s) -> (h, s/2, s/2) -> (2h, s/4, s/4) -> ... -> (2^(n-1) h, k, k) -> 3x3 conv, same shape -> scalar
+       SiLU throughout; n = resolution_steps(s) stride-2 steps, k = s / 2^n (2 at 8, 7 at 28, 4 at 32 and 64)
+
+The steps follow the image, as a DCGAN discriminator's do: the linear read-out
+adds up the features of the k x k map, each of which sees one patch of the
+image, 18x18 pixels after two steps. At 64x64 that is under a third of the
+image, and E could relate its far corners only additively.
 
 SiLU rather than ReLU: Langevin follows dE/dx, and a smooth E has a gradient
 that changes smoothly with x instead of jumping at every ReLU kink.
 """
 
 from __future__ import annotations
+
+from itertools import pairwise
 
 import torch
 from pydantic import NonNegativeFloat, PositiveFloat, PositiveInt
@@ -32,13 +40,13 @@ from torch import Tensor, nn
 from gen_models.base import Batch, GenerativeModel, Metrics, StepContext
 from gen_models.config import AdamBetas, ModelConfig, UnitInterval, config_dataclass
 from gen_models.ebm.langevin import langevin
-from gen_models.nn.layers import downsample
+from gen_models.nn.layers import downsample, resolution_steps
 
 
 @config_dataclass
 class EBMConfig(ModelConfig):
     hidden: PositiveInt = 32
-    """Channels of the energy net's first layer; the next two have twice as many."""
+    """Channels of the energy net's first layer; each stride-2 layer after it has twice as many as the one before."""
     langevin_steps: PositiveInt = 60
     """Langevin steps K per training step, from the replay buffer (paper: 60)."""
     sample_steps: PositiveInt = 180
@@ -74,12 +82,14 @@ class EBM(GenerativeModel):
     def __init__(self, config: EBMConfig):
         super().__init__()
         self.config = config
-        c, h, k = config.channels, config.hidden, config.image_size // 4
+        c, n = config.channels, resolution_steps(config.image_size)
+        k = config.image_size // 2**n
+        widths = [c] + [config.hidden * 2**i for i in range(n)]
+        w = widths[-1]
         self.energy = nn.Sequential(
-            downsample(c, h), nn.SiLU(),
-            downsample(h, 2 * h), nn.SiLU(),
-            nn.Conv2d(2 * h, 2 * h, kernel_size=3, padding=1), nn.SiLU(),
-            nn.Flatten(), nn.Linear(2 * h * k * k, 1), nn.Flatten(0),
+            *[m for a, b in pairwise(widths) for m in (downsample(a, b), nn.SiLU())],
+            nn.Conv2d(w, w, kernel_size=3, padding=1), nn.SiLU(),
+            nn.Flatten(), nn.Linear(w * k * k, 1), nn.Flatten(0),
         )
         # The buffer is state, not a parameter: it is checkpointed with the
         # weights, so a resumed run keeps its chains.

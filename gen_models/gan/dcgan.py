@@ -1,8 +1,14 @@
 """DCGAN (Radford et al. 2015) trained with the non-saturating GAN loss
 (Goodfellow et al. 2014).
 
-    G: z -> (2g, s/4, s/4) -> (g, s/2, s/2) -> (C, s, s)    BatchNorm + ReLU, tanh out
-    D: (C, s, s) -> (d, s/2, s/2) -> (2d, s/4, s/4) -> logit   LeakyReLU 0.2, BatchNorm after the first layer
+    n = resolution_steps(s) stride-2 steps between the image and a k x k map, k = s / 2^n
+    G: z -> (2^(n-1) g, k, k) -> ... -> (2g, s/4, s/4) -> (g, s/2, s/2) -> (C, s, s)   BatchNorm + ReLU, tanh out
+    D: (C, s, s) -> (d, s/2, s/2) -> (2d, s/4, s/4) -> ... -> (2^(n-1) d, k, k) -> logit
+       LeakyReLU 0.2, BatchNorm on every stride-2 layer but the first
+
+The paper's 64x64 nets are n = 4 from a 4x4 map, and so are these at 64; 32
+starts from 4x4 too (n = 3). 28 cannot halve below 7x7 and 8 starts from 2x2:
+both take n = 2, the nets the digits and Fashion-MNIST were tuned with.
 
 D returns a logit, not a probability; the update itself is the shared
 `nonsaturating_step` of gen_models.gan.adversarial.
@@ -10,13 +16,15 @@ D returns a logit, not a probability; the update itself is the shared
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 from pydantic import PositiveInt
 from torch import nn
 
 from gen_models.base import Batch, Metrics, StepContext, from_unit, noise
 from gen_models.config import config_dataclass
 from gen_models.gan.adversarial import AdversarialConfig, AdversarialModel, nonsaturating_step
-from gen_models.nn.layers import dcgan_init_, downsample, upsample
+from gen_models.nn.layers import dcgan_init_, downsample, resolution_steps, upsample
 
 
 @config_dataclass
@@ -24,13 +32,27 @@ class DCGANConfig(AdversarialConfig):
     z_dim: PositiveInt = 100
     """Size of the latent vector z ~ N(0, I) (DCGAN paper)."""
     g_channels: PositiveInt = 64
-    """Channels of G's last hidden layer; the layer before it has twice as many."""
+    """Channels of G's last hidden layer; each layer before it has twice as many as the next."""
     d_channels: PositiveInt = 64
-    """Channels of D's first layer; the layer after it has twice as many."""
+    """Channels of D's first layer; each layer after it has twice as many as the one before."""
 
     @classmethod
     def tiny(cls, **overrides) -> DCGANConfig:
         return super().tiny(**{"g_channels": 8, "d_channels": 8, **overrides})
+
+
+def dcgan_discriminator(channels: int, d: int, image_size: int) -> nn.Sequential:
+    """D of the module docstring: images (N, channels, s, s) -> logits (N,). StyleGAN's D as well."""
+    n = resolution_steps(image_size)
+    widths = [d * 2**i for i in range(n)]
+    # No BatchNorm on the first layer: the paper found it destabilises
+    # training when applied to D's input (and G's output).
+    layers = [downsample(channels, d), nn.LeakyReLU(0.2)]
+    for w_in, w_out in pairwise(widths):
+        layers += [downsample(w_in, w_out, bias=False), nn.BatchNorm2d(w_out), nn.LeakyReLU(0.2)]
+    # A k x k kernel over the k x k map: one logit per image.
+    layers += [nn.Conv2d(widths[-1], 1, kernel_size=image_size // 2**n), nn.Flatten(0)]
+    return nn.Sequential(*layers)
 
 
 class DCGAN(AdversarialModel):
@@ -39,24 +61,20 @@ class DCGAN(AdversarialModel):
     def __init__(self, config: DCGANConfig):
         super().__init__()
         self.config = config
-        c, g, d = config.channels, config.g_channels, config.d_channels
-        k = config.image_size // 4
-        self.generator = nn.Sequential(
+        c, g, z = config.channels, config.g_channels, config.z_dim
+        n = resolution_steps(config.image_size)
+        widths = [g * 2**i for i in reversed(range(n))]
+        layers = [
             # z as a 1x1 map: a k x k transpose conv is the paper's "project and reshape".
-            nn.Unflatten(1, (config.z_dim, 1, 1)),
-            nn.ConvTranspose2d(config.z_dim, 2 * g, kernel_size=k, bias=False),
-            nn.BatchNorm2d(2 * g), nn.ReLU(),
-            upsample(2 * g, g, bias=False), nn.BatchNorm2d(g), nn.ReLU(),
-            upsample(g, c), nn.Tanh(),
-        )
-        self.discriminator = nn.Sequential(
-            # No BatchNorm on the first layer: the paper found it destabilises
-            # training when applied to D's input (and G's output).
-            downsample(c, d), nn.LeakyReLU(0.2),
-            downsample(d, 2 * d, bias=False), nn.BatchNorm2d(2 * d), nn.LeakyReLU(0.2),
-            nn.Conv2d(2 * d, 1, kernel_size=k),
-            nn.Flatten(0),
-        )
+            nn.Unflatten(1, (z, 1, 1)),
+            nn.ConvTranspose2d(z, widths[0], kernel_size=config.image_size // 2**n, bias=False),
+            nn.BatchNorm2d(widths[0]), nn.ReLU(),
+        ]
+        for w_in, w_out in pairwise(widths):
+            layers += [upsample(w_in, w_out, bias=False), nn.BatchNorm2d(w_out), nn.ReLU()]
+        layers += [upsample(g, c), nn.Tanh()]
+        self.generator = nn.Sequential(*layers)
+        self.discriminator = dcgan_discriminator(c, config.d_channels, config.image_size)
         dcgan_init_(self)
 
     def training_step(self, batch: Batch, ctx: StepContext) -> Metrics:

@@ -2,14 +2,16 @@
 GAN loss against a DCGAN discriminator.
 
     z -> mapping (pixel norm, MLP) -> w -> one style per layer
-    const (g, s/4, s/4) -> conv, noise, AdaIN
-      -> up x2 -> [conv, noise, AdaIN] x 2 -> up x2 -> [conv, noise, AdaIN] x 2 -> 1x1 conv, tanh
-    D: (C, s, s) -> (d, s/2, s/2) -> (2d, s/4, s/4) -> logit   as DCGAN's
+    const (g, k, k) -> conv, noise, AdaIN
+      -> n x (up x2 -> [conv, noise, AdaIN] x 2) -> 1x1 conv, tanh       1 + 2n layers
+    D: DCGAN's, (C, s, s) -> ... -> (2^(n-1) d, k, k) -> logit
 
-The paper starts from a 4x4 constant; here the images are 8, 28 or 32 pixels,
-so the constant is s/4 (2, 7 or 8) and two doublings reach s. The mapping
-network learns at lr x 0.01 (its own param group): it feeds every layer, so
-large steps there move the whole image at once. During training, with
+n = resolution_steps(s) doublings from a k x k constant, k = s / 2^n: the
+paper's 4x4 at 32 and 64 (3 and 4 doublings); 28 cannot halve below 7x7 and 8
+starts from 2x2, both with two doublings.
+
+The mapping network learns at lr x 0.01 (its own param group): it feeds every
+layer, so large steps there move the whole image at once. During training, with
 probability `mixing_prob` an image takes its styles from w1 below a random
 crossover layer and from w2 above it, so no layer can rely on its neighbours
 sharing its style. `sample` truncates w towards the running mean w by psi,
@@ -26,12 +28,9 @@ from torch import Tensor, nn
 from gen_models.base import Batch, Metrics, StepContext, from_unit, noise, to_unit
 from gen_models.config import AdamBetas, Decay, UnitInterval, config_dataclass
 from gen_models.gan.adversarial import AdversarialConfig, AdversarialModel, nonsaturating_step
-from gen_models.nn.layers import dcgan_init_, downsample
+from gen_models.gan.dcgan import dcgan_discriminator
+from gen_models.nn.layers import dcgan_init_, resolution_steps
 from gen_models.nn.style import AdaIN, MappingNetwork, NoiseInput
-
-# Layers whose input is doubled first: after the constant's own conv, two convs per resolution.
-UPSAMPLE_BEFORE = (1, 3)
-NUM_LAYERS = 5
 
 
 @config_dataclass
@@ -45,7 +44,7 @@ class StyleGANConfig(AdversarialConfig):
     g_channels: PositiveInt = 64
     """Channels of every synthesis layer."""
     d_channels: PositiveInt = 64
-    """Channels of D's first layer; the layer after it has twice as many."""
+    """Channels of D's first layer; each layer after it has twice as many as the one before."""
     lr: PositiveFloat = 1e-3
     """Adam learning rate of both networks (paper: 0.001); on the digits it learns far faster than DCGAN's 2e-4."""
     betas: AdamBetas = (0.0, 0.99)
@@ -68,31 +67,34 @@ class StyleGenerator(nn.Module):
     def __init__(self, config: StyleGANConfig):
         super().__init__()
         self.config = config
-        g, r = config.g_channels, config.image_size // 4
+        g, n = config.g_channels, resolution_steps(config.image_size)
+        k = config.image_size // 2**n
+        self.num_layers = 1 + 2 * n
         self.mapping = MappingNetwork(config.z_dim, config.z_dim, config.mapping_depth)
-        # N(0, 1), not the paper's ones: AdaIN normalises over the s/4 x s/4 pixels,
+        # N(0, 1), not the paper's ones: AdaIN normalises over the k x k pixels,
         # and a constant map would have zero variance there.
-        self.const = nn.Parameter(torch.randn(1, g, r, r))
-        self.convs = nn.ModuleList(nn.Conv2d(g, g, kernel_size=3, padding=1) for _ in range(NUM_LAYERS))
-        self.noises = nn.ModuleList(NoiseInput(g) for _ in range(NUM_LAYERS))
-        self.adains = nn.ModuleList(AdaIN(g, config.z_dim) for _ in range(NUM_LAYERS))
+        self.const = nn.Parameter(torch.randn(1, g, k, k))
+        self.convs = nn.ModuleList(nn.Conv2d(g, g, kernel_size=3, padding=1) for _ in range(self.num_layers))
+        self.noises = nn.ModuleList(NoiseInput(g) for _ in range(self.num_layers))
+        self.adains = nn.ModuleList(AdaIN(g, config.z_dim) for _ in range(self.num_layers))
         self.to_rgb = nn.Conv2d(g, config.channels, kernel_size=1)
         self.register_buffer("w_avg", torch.zeros(config.z_dim))
 
     def styles(self, z: Tensor, *, psi: float = 1.0) -> Tensor:
-        """One w per layer, (N, NUM_LAYERS, w_dim). In training mode this also
+        """One w per layer, (N, num_layers, w_dim). In training mode this also
         moves the mean w and mixes styles; in eval mode it does neither."""
         c = self.config
         w = self.mapping(z)
-        ws = w[:, None].expand(-1, NUM_LAYERS, -1)
+        layers = self.num_layers
+        ws = w[:, None].expand(-1, layers, -1)
         if self.training:
             self.w_avg.lerp_(w.detach().mean(0).to(self.w_avg.dtype), 1 - c.w_avg_beta)  # w is bf16 under autocast
             # Per image: mix with prob p; layers from a crossover in [1, L-1] on take w2,
             # so a mixed image has w1 at the first layer and w2 at the last.
             w2 = self.mapping(torch.randn_like(z))
             mixed = torch.rand(z.shape[0], device=z.device) < c.mixing_prob
-            crossover = torch.randint(1, NUM_LAYERS, (z.shape[0],), device=z.device)
-            use_w2 = mixed[:, None] & (torch.arange(NUM_LAYERS, device=z.device)[None] >= crossover[:, None])
+            crossover = torch.randint(1, layers, (z.shape[0],), device=z.device)
+            use_w2 = mixed[:, None] & (torch.arange(layers, device=z.device)[None] >= crossover[:, None])
             ws = torch.where(use_w2[:, :, None], w2[:, None], ws)
         if psi != 1:
             ws = self.w_avg + psi * (ws - self.w_avg)
@@ -102,7 +104,7 @@ class StyleGenerator(nn.Module):
         ws = self.styles(z, psi=psi)
         x = self.const.expand(z.shape[0], -1, -1, -1)
         for i, (conv, noise_input, adain) in enumerate(zip(self.convs, self.noises, self.adains)):
-            if i in UPSAMPLE_BEFORE:
+            if i % 2:  # after the constant's own conv, two convs per resolution, the first on the doubled map
                 x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
             x = adain(F.leaky_relu(noise_input(conv(x), generator), 0.2), ws[:, i])
         return torch.tanh(self.to_rgb(x))
@@ -114,14 +116,8 @@ class StyleGAN(AdversarialModel):
     def __init__(self, config: StyleGANConfig):
         super().__init__()
         self.config = config
-        c, d, k = config.channels, config.d_channels, config.image_size // 4
         self.generator = StyleGenerator(config)
-        self.discriminator = nn.Sequential(
-            downsample(c, d), nn.LeakyReLU(0.2),
-            downsample(d, 2 * d, bias=False), nn.BatchNorm2d(2 * d), nn.LeakyReLU(0.2),
-            nn.Conv2d(2 * d, 1, kernel_size=k),
-            nn.Flatten(0),
-        )
+        self.discriminator = dcgan_discriminator(config.channels, config.d_channels, config.image_size)
         dcgan_init_(self.discriminator)
 
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:

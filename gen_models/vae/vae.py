@@ -19,6 +19,7 @@ loose; it is honest, not flattering.
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 from typing import Literal
 
 import torch
@@ -28,18 +29,19 @@ from torch import Tensor, nn
 
 from gen_models.base import Batch, GenerativeModel, Metrics, noise
 from gen_models.config import ModelConfig, config_dataclass
-from gen_models.nn.layers import downsample, upsample
+from gen_models.nn.layers import downsample, resolution_steps, upsample
 
 
 @config_dataclass
 class VAEConfig(ModelConfig):
     encoder: Literal["mlp", "conv"] = "mlp"
-    """Network shape of the encoder; the decoder mirrors it. "conv" adds two
-    stride-2 convolutions (image_size -> image_size / 4) before the dense layers."""
+    """Network shape of the encoder; the decoder mirrors it. "conv" adds
+    resolution_steps(image_size) stride-2 convolutions before the dense layers
+    (gen_models.nn.layers): 28 -> 7 in two, 64 -> 4 in four."""
     hidden: PositiveInt = 400
     """Width of the dense hidden layer of encoder and decoder."""
     conv_channels: PositiveInt = 32
-    """Channels of the first convolution (encoder "conv" only); the second has twice as many."""
+    """Channels of the first convolution (encoder "conv" only); each next one has twice as many."""
     z_dim: PositiveInt = 20
     """Dimensions of the latent z."""
     beta: PositiveFloat = 1.0
@@ -78,10 +80,13 @@ class VAE(GenerativeModel):
         self.config = config
         c, s, h, z = config.channels, config.image_size, config.hidden, config.z_dim
         if config.encoder == "conv":
-            k = config.conv_channels
-            flat_shape = (2 * k, s // 4, s // 4)
-            convs_down = [downsample(c, k), nn.ReLU(), downsample(k, 2 * k), nn.ReLU()]
-            convs_up = [nn.ReLU(), upsample(2 * k, k), nn.ReLU(), upsample(k, c)]
+            n = resolution_steps(s)
+            # c -> k -> 2k -> ... -> 2^(n-1) k channels, the image halved at each step.
+            widths = [c] + [config.conv_channels * 2**i for i in range(n)]
+            step_widths = list(pairwise(widths))
+            flat_shape = (widths[-1], s // 2**n, s // 2**n)
+            convs_down = [m for a, b in step_widths for m in (downsample(a, b), nn.ReLU())]
+            convs_up = [m for a, b in reversed(step_widths) for m in (nn.ReLU(), upsample(b, a))]
         else:
             flat_shape, convs_down, convs_up = (c, s, s), [], []
         flat = math.prod(flat_shape)

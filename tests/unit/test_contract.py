@@ -15,7 +15,9 @@ from gen_models.base import GenerativeModel, StepContext
 from gen_models.registry import FAMILIES, build, config_dict
 from gen_models.vae.vae import VAE, BetaVAEConfig, VAEConfig
 
-SHAPES = [(8, 1), (8, 3), (28, 1), (28, 3)]  # (image_size, channels)
+# (image_size, channels): the digits, Fashion-MNIST, and 32x32 RGB, the smallest size at which the
+# conv families take a third resolution step (down to 4x4)
+SHAPES = [(8, 1), (8, 3), (28, 1), (28, 3), (32, 3)]
 LIKELIHOOD_FAMILIES = [f for f, (cls, _) in FAMILIES.items() if cls.log_prob is not GenerativeModel.log_prob]
 
 
@@ -216,6 +218,33 @@ def test_no_log_prob_says_so(family):
 
 
 # --- family-specific promises ------------------------------------------------
+
+def stride_2_convs(net: nn.Module) -> int:
+    return sum(isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) and m.stride == (2, 2) for m in net.modules())
+
+
+@pytest.mark.parametrize("image_size, steps", [(8, 2), (12, 2), (28, 2), (32, 3), (48, 3), (64, 4)])
+def test_conv_nets_halve_the_image_down_to_a_small_map(image_size, steps):
+    """Depth follows the image: stride-2 steps down to a 4x4 map (the DCGAN paper's start) while the
+    map halves that far, two at least: 8 -> 2x2 and 28 -> 7x7 keep the nets they were tuned with."""
+    side = image_size // 2**steps
+    dcgan, stylegan, conv_vae, ebm = (make(f, image_size, 3) for f in ("dcgan", "stylegan", "conv_vae", "ebm"))
+    for net in (dcgan.generator, dcgan.discriminator, stylegan.discriminator, conv_vae.encoder, conv_vae.decoder,
+                ebm.energy):
+        assert stride_2_convs(net) == steps
+    assert dcgan.generator[1].kernel_size == dcgan.discriminator[-2].kernel_size == (side, side)
+    assert stylegan.generator.const.shape[-2:] == (side, side)
+    assert stylegan.generator.num_layers == 1 + 2 * steps  # a conv at the constant, two per doubling
+    ddpm = make("ddpm", image_size, 3, channel_mults=None)
+    assert ddpm.config.unet_channel_mults == (1,) + (2,) * steps
+    assert stride_2_convs(ddpm.unet) == 2 * steps  # down and back up
+    assert make("ddpm", image_size, 3).config.unet_channel_mults == (1, 2)  # a given channel_mults stays
+
+    x = torch.rand(2, 3, image_size, image_size)
+    assert dcgan.discriminator(x).shape == stylegan.discriminator(x).shape == ebm.energy(x).shape == (2,)
+    assert dcgan.sample(2).shape == stylegan.sample(2).shape == conv_vae.sample(2).shape == x.shape
+    assert ddpm.unet(x, torch.zeros(2, dtype=torch.long)).shape == x.shape
+
 
 def test_dcgan_metrics_are_the_documented_ones():
     model = make("dcgan")

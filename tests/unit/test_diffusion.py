@@ -231,6 +231,10 @@ def test_config_levels_must_fit_the_image_size():
     with pytest.raises(ValueError, match="channel_mults"):
         DDPMConfig(image_size=28, channel_mults=(1, 2, 2, 2))  # 28 -> 14 -> 7 -> 3.5
     assert DDPMConfig(image_size=32, channel_mults=(1, 2, 2, 2)).channel_mults == (1, 2, 2, 2)
+    # Unset, the levels follow the image down to 4x4 (7x7 at 28): Ho et al.'s (1, 2, 2, 2) at 32.
+    assert [DDPMConfig(image_size=s).unet_channel_mults for s in (8, 28, 32, 64)] == [
+        (1, 2, 2), (1, 2, 2), (1, 2, 2, 2), (1, 2, 2, 2, 2)]
+    assert DDPMConfig(image_size=64, channel_mults=(1, 2, 2)).unet_channel_mults == (1, 2, 2)
     assert DDPMConfig(channel_mults=[1, 2]).channel_mults == (1, 2)  # as JSON gives it back
 
 

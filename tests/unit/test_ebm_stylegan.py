@@ -13,7 +13,7 @@ from torch import nn
 from gen_models.base import StepContext
 from gen_models.ebm.ebm import EBM, EBMConfig
 from gen_models.ebm.langevin import langevin
-from gen_models.gan.stylegan import NUM_LAYERS, StyleGAN, StyleGANConfig
+from gen_models.gan.stylegan import StyleGAN, StyleGANConfig
 from gen_models.nn.style import AdaIN
 
 
@@ -165,7 +165,7 @@ def test_truncation_zero_draws_the_mean_w_only():
     model = trained_stylegan()
     g = model.generator.eval()
     assert model.generator.w_avg.abs().sum() > 0
-    torch.testing.assert_close(g.styles(torch.randn(5, 8), psi=0.0), g.w_avg.expand(5, NUM_LAYERS, -1))
+    torch.testing.assert_close(g.styles(torch.randn(5, 8), psi=0.0), g.w_avg.expand(5, g.num_layers, -1))
 
     with torch.no_grad():
         for noise_input in g.noises:
@@ -202,7 +202,7 @@ def test_style_mixing_happens_at_rate_p_in_training_only():
     # A mixed image switches once, from w1 to w2, at a crossover anywhere in 1..L-1.
     takes_w2 = (ws[mixed] == ws[mixed][:, -1:]).all(2)
     assert (takes_w2.diff(dim=1) >= 0).all()
-    assert set((NUM_LAYERS - takes_w2.sum(1)).tolist()) == set(range(1, NUM_LAYERS))
+    assert set((g.num_layers - takes_w2.sum(1)).tolist()) == set(range(1, g.num_layers))
     g.eval()
     ws = g.styles(torch.randn(100, 8))
     assert (ws == ws[:, :1]).all()
@@ -220,11 +220,14 @@ def test_mapping_network_learns_at_a_hundredth_of_the_rate():
 
 
 @pytest.mark.parametrize("family", [StyleGAN, EBM])
-def test_image_size_32_starts_from_an_8x8_map(family):
+def test_image_size_32_starts_from_the_papers_4x4_map(family):
     cfg = (StyleGANConfig if family is StyleGAN else EBMConfig).tiny(image_size=32, channels=3)
     model = family(cfg)
     if family is StyleGAN:
-        assert model.generator.const.shape[-2:] == (8, 8)
+        assert model.generator.const.shape[-2:] == (4, 4)
+        assert model.generator.num_layers == 7  # 4 -> 8 -> 16 -> 32
+    else:
+        assert model.energy[:-3](torch.rand(2, 3, 32, 32)).shape[-2:] == (4, 4)  # the map the read-out sees
     assert model.sample(2).shape == (2, 3, 32, 32)
 
 
