@@ -20,7 +20,9 @@ run train_loop_heavy benchmarks/train_loop.py --family ddpm ebm pixelcnn realnvp
 run sampling benchmarks/sampling.py --n 8
 # 2b. What DDIM's cheaper chain costs in quality: a DDPM trained on 8x8 digits, each sampler's img/s and FID.
 run sampling_quality benchmarks/sampling_quality.py
-# 3. Orchestration overhead and data path of the demo; 4. scaling: the same run on one worker.
+# 3. The data path: the split read in place against memory and Ray Data, peak RSS at 1x and 10x the images.
+run data_path benchmarks/data_path.py
+# 4. Orchestration overhead of the smoke and demo pipelines; 5. scaling: the demo on one worker.
 run orchestration_smoke benchmarks/orchestration.py --config jobs/smoke.yaml --warm
 run orchestration_demo benchmarks/orchestration.py --config jobs/demo.yaml
 run orchestration_demo_1worker benchmarks/orchestration.py --config jobs/demo.yaml --set train.num_workers=1
