@@ -2,6 +2,7 @@
 against the same images held in memory, and against Ray Data.
 
     .venv/bin/python benchmarks/data_path.py              # ~6 minutes on the 2-core VM
+    python3 benchmarks/data_path.py --device cuda --batch 256 --training-only   # on a GPU (no Ray, S3 or moto)
 
 Three measurements, on random 64x64 RGB images (and 32x32 for the loader):
     loader    img/s of batches alone (no model): in memory, read in place from local shards,
@@ -9,7 +10,8 @@ Three measurements, on random 64x64 RGB images (and 32x32 for the loader):
               and Ray Data (`read_numpy` over the same images, `iter_torch_batches` with a local
               shuffle buffer): what `ray.train.get_dataset_shard` would feed a worker
     training  DCGAN (the family's defaults) at 64x64 RGB, batch 64: img/s of `run_steps` over the
-              split in memory and read in place, rounds interleaved; the ratio is read in place / memory
+              split in memory (on the device, as workers held it) and read in place, rounds
+              interleaved; the ratio is read in place / memory
     memory    peak RSS of a process that trains 20 such steps over 1x and 10x the images, read in
               place and held in memory (what a worker did before)
 Prints a table and one JSON line.
@@ -35,8 +37,6 @@ from gen_models import registry
 from gen_models.base import StepContext
 from pipelines import data, storage
 from pipelines.steps import StepBatches, run_steps
-
-BATCH = 64
 
 
 def shards(n: int, size: int, out: str) -> dict:
@@ -119,19 +119,42 @@ def s3_first_read_img_s(m: dict, tmp: str, prefix: str) -> float:
     return on_s3["splits"]["train"]["count"] / (time.perf_counter() - t)
 
 
-def train_img_s(x, y, steps: int) -> float:
+def train_img_s(x, y, steps: int, batch: int = 64, device: torch.device | None = None) -> float:
+    device = device or torch.device("cpu")
     torch.manual_seed(0)
-    model = registry.build("dcgan", {"image_size": 64, "channels": 3})
-    ctx = StepContext(optimizers=model.configure_optimizers())
-    batches = StepBatches(x, y, global_batch=BATCH, seed=0, rank=0, world=1)
-    for _ in run_steps(model, ctx, batches, start=0, stop=1, seed=0, device=torch.device("cpu"),
-                       report_due=lambda s: False):  # a warm-up step
+    model = registry.build("dcgan", {"image_size": 64, "channels": 3}).to(device)
+    ctx = StepContext(optimizers=model.configure_optimizers(), device_type=device.type)
+    batches = StepBatches(x, y, global_batch=batch, seed=0, rank=0, world=1)
+    for _ in run_steps(model, ctx, batches, start=0, stop=2, seed=0, device=device,
+                       report_due=lambda s: False):  # warm-up steps
         pass
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     t = time.perf_counter()
-    for _ in run_steps(model, ctx, batches, start=1, stop=1 + steps, seed=0, device=torch.device("cpu"),
+    for _ in run_steps(model, ctx, batches, start=2, stop=2 + steps, seed=0, device=device,
                        report_due=lambda s: False):
         pass
-    return steps * BATCH / (time.perf_counter() - t)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return steps * batch / (time.perf_counter() - t)
+
+
+def training_ratio(m: dict, a, out: dict) -> None:
+    device = torch.device(a.device)
+    x, y = data.load_split(m, "train")
+    x, y = x.to(device), y.to(device)
+    s = data.ShardedImages(m, "train")
+    rounds = {"memory": [], "in_place": []}
+    for _ in range(a.rounds):  # interleaved: the machine's drift hits both alike
+        rounds["memory"].append(train_img_s(x, y, a.steps, a.batch, device))
+        rounds["in_place"].append(train_img_s(s, s.y, a.steps, a.batch, device))
+    med = {k: statistics.median(v) for k, v in rounds.items()}
+    ratio = med["in_place"] / med["memory"]
+    print(f"\ntraining dcgan 64x64 RGB on {a.device}, batch {a.batch}: memory {med['memory']:.0f} img/s, "
+          f"in place {med['in_place']:.0f} img/s, ratio {ratio:.3f} (median of {a.rounds} interleaved rounds)")
+    out["training"] = {"device": a.device, "batch": a.batch, "memory_img_s": round(med["memory"], 1),
+                       "in_place_img_s": round(med["in_place"], 1), "ratio": round(ratio, 3),
+                       "rounds": {k: [round(r, 1) for r in v] for k, v in rounds.items()}}
 
 
 def peak_rss_child(manifest_path: str, mode: str) -> None:
@@ -161,6 +184,9 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=4000, help="the 1x dataset (the 10x one is ten times this)")
     ap.add_argument("--steps", type=int, default=15, help="training steps per round")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=64, help="training batch")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--training-only", action="store_true", help="only the training ratio (what a GPU adds)")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -168,6 +194,10 @@ def main() -> None:
     torch.set_num_threads(2)
     out: dict = {"benchmark": "data_path", "images": a.images}
     with tempfile.TemporaryDirectory() as tmp:
+        if a.training_only:
+            training_ratio(shards(a.images, 64, str(Path(tmp, "train"))), a, out)
+            print(json.dumps(out))
+            return None
         print(f"{'loader (no model), batch 256':40} {'img/s':>10}")
         loader = {}
         with MotoS3():
@@ -183,18 +213,7 @@ def main() -> None:
         out["loader_img_s"] = {k: round(v) for k, v in loader.items()}
 
         m = shards(a.images, 64, str(Path(tmp, "train")))
-        x, y = data.load_split(m, "train")
-        s = data.ShardedImages(m, "train")
-        rounds = {"memory": [], "in_place": []}
-        for _ in range(a.rounds):  # interleaved: the VM's drift hits both alike
-            rounds["memory"].append(train_img_s(x, y, a.steps))
-            rounds["in_place"].append(train_img_s(s, y, a.steps))
-        med = {k: statistics.median(v) for k, v in rounds.items()}
-        ratio = med["in_place"] / med["memory"]
-        print(f"\ntraining dcgan 64x64 RGB, batch {BATCH}: memory {med['memory']:.0f} img/s, "
-              f"in place {med['in_place']:.0f} img/s, ratio {ratio:.3f} (median of {a.rounds} interleaved rounds)")
-        out["training"] = {"memory_img_s": round(med["memory"], 1), "in_place_img_s": round(med["in_place"], 1),
-                           "ratio": round(ratio, 3), "rounds": {k: [round(r, 1) for r in v] for k, v in rounds.items()}}
+        training_ratio(m, a, out)
 
         big = shards(10 * a.images, 64, str(Path(tmp, "big")))
         rss = {f"{mode}/{n}x": peak_rss(mm, tmp, mode) for n, mm in ((1, m), (10, big))

@@ -27,6 +27,9 @@ timeout 200 python3 benchmarks/train_loop.py --device cuda --batch 256 --steps 2
   --variant fp32 bf16_cl 2>&1 | tee "$out/train_loop.log"
 timeout 60 python3 benchmarks/train_loop.py --device cuda --batch 2048 --steps 10 --rounds 2 \
   --family dcgan stylegan --variant fp32 bf16_cl 2>&1 | tee "$out/train_loop_b2048.log"
+# 2b. The data path: DCGAN 64x64 RGB at batch 256 with the split read in place against the split on the device.
+timeout 200 python3 benchmarks/data_path.py --device cuda --batch 256 --steps 50 --training-only \
+  2>&1 | tee "$out/data_path.log"
 # 3. torch.compile (bf16 + channels_last + compile) on the conv families.
 timeout 140 python3 benchmarks/train_loop.py --device cuda --batch 256 --steps 20 --rounds 2 \
   --family dcgan ddpm stylegan --variant bf16_cl_compile 2>&1 | tee "$out/train_loop_compile.log"
