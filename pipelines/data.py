@@ -488,6 +488,7 @@ class ShardedImages:
         self.image_shape = tuple(manifest["shape"])
         self.item = int(np.prod(self.image_shape))
         self.files, self.x_offsets, labels = [], [], []
+        self.uris = [shard["uri"] for shard in manifest["splits"][split]["shards"]]
         for shard in manifest["splits"][split]["shards"]:
             f = open(_local_shard(shard), "rb", buffering=0)  # noqa: SIM115 - open for this object's life
             x_at = _array_at(f, "x", np.uint8, (shard["count"], *self.image_shape), shard["uri"])
@@ -503,13 +504,18 @@ class ShardedImages:
         return int(self.starts[-1])
 
     def __getitem__(self, idx: torch.Tensor | slice | int) -> torch.Tensor:
-        if isinstance(idx, int):
-            return self[torch.tensor([range(len(self))[idx]])][0]  # negative counts from the end, as a tensor's
-        idx = np.arange(*idx.indices(len(self))) if isinstance(idx, slice) else np.asarray(idx, np.int64).reshape(-1)
+        if isinstance(idx, slice):
+            idx = np.arange(*idx.indices(len(self)))
+        elif np.ndim(idx) == 0:  # an int, numpy's or a 0-d tensor: one image, counted from the end if negative
+            return self[torch.tensor([range(len(self))[int(idx)]])][0]
+        idx = np.asarray(idx, np.int64).reshape(-1)
+        if len(idx) and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"indices {idx.min()}..{idx.max()} outside a split of {len(self)} images")
         out = np.empty((len(idx), self.item), np.uint8)
         shards = np.searchsorted(self.starts, idx, side="right") - 1
         for row, (s, i) in enumerate(zip(shards.tolist(), (idx - self.starts[shards]).tolist())):
-            os.preadv(self.files[s].fileno(), [out[row]], self.x_offsets[s] + i * self.item)
+            if os.preadv(self.files[s].fileno(), [out[row]], self.x_offsets[s] + i * self.item) != self.item:
+                raise InvalidInput(f"{self.uris[s]} is corrupt: shorter than its header says")
         return torch.from_numpy(out).view(len(idx), *self.image_shape)
 
 
@@ -542,6 +548,8 @@ def _local_shard(shard: dict) -> str:
         return str(path)
     from pipelines.tracking import file_lock
 
+    cache.mkdir(mode=0o700, parents=True, exist_ok=True)  # the default is in a /tmp other users share
+
     with file_lock(cache / f"{shard['sha256']}.lock"):  # the node's other ranks wait, then find it there
         if not path.exists():
             tmp = path.with_suffix(f".{os.getpid()}.part")
@@ -571,9 +579,15 @@ def _verify_file(path, shard: dict) -> None:
 
 def verify_split(manifest: dict, split: str) -> None:
     """Every shard of the split is there and is what prepare wrote (InvalidInput if not): a local shard
-    where it is, an S3 one on its way into this node's cache, where the node's workers then find it."""
+    where it is, an S3 one in this node's cache (copied there first if need be), where the node's workers
+    then find it."""
     for shard in manifest["splits"][split]["shards"]:
-        if storage.is_s3(shard["uri"]):
+        # An S3 shard is checked in the node's cache, whether just copied there or found from an earlier run.
+        path = _local_shard(shard)
+        try:
+            _verify_file(path, shard)
+        except InvalidInput:
+            if not storage.is_s3(shard["uri"]):
+                raise
+            Path(path).unlink(missing_ok=True)  # the cached copy was damaged since: fetched again, checked
             _local_shard(shard)
-        else:
-            _verify_file(shard["uri"], shard)

@@ -64,7 +64,10 @@ def _labels(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tuple[tor
 def _rotations(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     # RotNet (Gidaris et al. 2018): which way up an image is takes its shapes to tell, and no labels
     k = torch.randint(4, (len(x),), generator=gen)
-    return torch.stack([x.rot90(r, (2, 3)) for r in range(4)])[k, torch.arange(len(x))], k
+    out = x.clone()  # each image turned by its own k, without four turned copies of the batch in memory
+    for r in range(1, 4):
+        out[k == r] = x[k == r].rot90(r, (2, 3))
+    return out, k
 
 
 @dataclass(frozen=True)
@@ -128,11 +131,13 @@ def train_extractor(
     if x_test is None or y_test is None:
         return model, None
     # At most 10,000 test images (Fashion-MNIST's whole test split): enough to tell an accuracy to about 1 %
-    x_test, y_test = x_test[:TEST_IMAGES], y_test[:TEST_IMAGES]
-    inputs, targets = pretext.batch(torch.as_tensor(x_test).float() / 255, torch.as_tensor(y_test),
-                                    torch.Generator().manual_seed(seed))
-    _, logits = extract(model, inputs)
-    return model, float((logits.argmax(1) == targets.numpy()).mean())
+    n, gen, correct = min(len(x_test), TEST_IMAGES), torch.Generator().manual_seed(seed), 0
+    for i in range(0, n, batch_size):  # a batch of floats at a time, as in training
+        inputs, targets = pretext.batch(torch.as_tensor(x_test[i:min(i + batch_size, n)]).float() / 255,
+                                        torch.as_tensor(y_test[i:min(i + batch_size, n)]), gen)
+        _, logits = extract(model, inputs)
+        correct += int((logits.argmax(1) == targets.numpy()).sum())
+    return model, correct / n
 
 
 @torch.no_grad()

@@ -240,12 +240,17 @@ def _exists(fs, path: str) -> bool:
 
 
 def _newest_checkpoint(fs, trial_dir: str):
-    """The trial directory's newest `checkpoint_NNNNNN` (Tune numbers them in order), if any."""
+    """The trial directory's newest complete `checkpoint_NNNNNN` (Tune numbers them in order), if any."""
     import pyarrow.fs
 
     found = [i.path for i in fs.get_file_info(pyarrow.fs.FileSelector(trial_dir, allow_not_found=True))
              if i.type == pyarrow.fs.FileType.Directory and os.path.basename(i.path).startswith("checkpoint_")]
-    return tune.Checkpoint(max(found, key=os.path.basename), filesystem=fs) if found else None
+    # Newest first, and only a whole one: a kill during Tune's copy of the next checkpoint leaves a partial
+    # directory, and the checkpoint's meta.json and our origin.json are what a complete one has.
+    for path in sorted(found, key=os.path.basename, reverse=True):
+        if all(_exists(fs, f"{path}/{name}") for name in (ORIGIN, checkpoints.META)):
+            return tune.Checkpoint(path, filesystem=fs)
+    return None
 
 
 STOP = "stop"  # on a trial's pace queue: end the run at its next report
@@ -329,6 +334,9 @@ def _search(spec: PipelineSpec):
 
 
 def stage(job: StageJob) -> dict:
+    # As the train stage does: a bad shard is a clean exit 2 here, not a failure inside every trial.
+    for split in ("train", "val"):
+        datasets.verify_split(job.inputs["prepare"]["data"], split)
     return run(job.spec, job.inputs["prepare"], run_id=job.run_id, tracking_uri=job.tracking_uri,
                storage_path=job.stage_dir, key=job.key, resume=job.resume)
 

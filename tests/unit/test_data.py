@@ -113,6 +113,9 @@ def test_a_split_read_in_place_is_the_split(digits, tmp_path):
     got = s[idx]
     assert got.dtype == torch.uint8 and torch.equal(got, x[idx])
     assert torch.equal(s[295:610], x[295:610]) and torch.equal(s[-1], x[-1]) and torch.equal(s[0], x[0])
+    assert torch.equal(s[np.int64(7)], x[7]) and torch.equal(s[torch.tensor(-2)], x[-2])
+    with pytest.raises(IndexError, match="outside a split"):
+        s[torch.tensor([3, -1])]
     data.verify_split(m, "train")
     # Training's batches: read a step ahead from disk, they are those of the split in memory, in order,
     # after a jump ahead (a resume) and back (a rollback).
@@ -134,6 +137,11 @@ def test_a_split_on_s3_is_read_from_a_verified_node_cache(digits, tmp_path, moto
     assert torch.equal(data.ShardedImages(m, "train")[torch.arange(len(x))], x)
     cached = sorted(p.name for p in (tmp_path / "cache").glob("*.npz"))
     assert cached == sorted(f"{s['sha256']}.npz" for s in m["splits"]["train"]["shards"])
+    # A cached copy damaged since is found by the next check and fetched again.
+    first = tmp_path / "cache" / cached[0]
+    first.write_bytes(first.read_bytes()[:-1] + b"!")
+    data.verify_split(m, "train")
+    assert torch.equal(data.ShardedImages(m, "train")[torch.arange(len(x))], x)
     # A shard changed on S3 since prepare: refused on its way in, nothing left in the cache.
     shard = m["splits"]["val"]["shards"][0]
     storage.write_bytes(shard["uri"], storage.read_bytes(shard["uri"])[:-1] + b"!")
@@ -145,6 +153,12 @@ def test_a_split_on_s3_is_read_from_a_verified_node_cache(digits, tmp_path, moto
 
 def test_a_shard_that_does_not_match_its_manifest_is_invalid_input(digits, tmp_path):
     m = data.split_and_shard(digits, val_fraction=0.1, seed=0, shard_size=500, out_uri=str(tmp_path))
+    shard = Path(m["splits"]["train"]["shards"][1]["uri"])
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[:len(whole) // 2])  # a shard cut in half: one clear line, never garbage images
+    with pytest.raises(InvalidInput, match=f"{shard} is corrupt"):
+        data.ShardedImages(m, "train")
+    shard.write_bytes(whole)
     m["shape"] = [1, 16, 16]
     with pytest.raises(InvalidInput, match="its arrays do not match the manifest"):
         data.ShardedImages(m, "train")
