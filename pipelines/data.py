@@ -542,15 +542,13 @@ def _local_shard(shard: dict) -> str:
     """A local path holding the shard: the file itself, or, for S3, this node's verified copy."""
     if not storage.is_s3(shard["uri"]):
         return shard["uri"]
-    cache = Path(os.environ.get(SHARD_CACHE_ENV) or Path(tempfile.gettempdir(), "genpipe-shards"))
-    path = cache / f"{shard['sha256']}.npz"  # named by content: a cached file is the right one or absent
+    path = _cache_path(shard)
     if path.exists():
         return str(path)
     from pipelines.tracking import file_lock
 
-    cache.mkdir(mode=0o700, parents=True, exist_ok=True)  # the default is in a /tmp other users share
-
-    with file_lock(cache / f"{shard['sha256']}.lock"):  # the node's other ranks wait, then find it there
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # the default is in a /tmp other users share
+    with file_lock(path.with_suffix(".lock")):  # the node's other ranks wait, then find it there
         if not path.exists():
             tmp = path.with_suffix(f".{os.getpid()}.part")
             try:
@@ -563,6 +561,12 @@ def _local_shard(shard: dict) -> str:
                 raise
             os.replace(tmp, path)
     return str(path)
+
+
+def _cache_path(shard: dict) -> Path:
+    """Where this node keeps its copy of an S3 shard, named by content: the right file or none."""
+    cache = Path(os.environ.get(SHARD_CACHE_ENV) or Path(tempfile.gettempdir(), "genpipe-shards"))
+    return cache / f"{shard['sha256']}.npz"
 
 
 def _verify_file(path, shard: dict) -> None:
@@ -582,12 +586,14 @@ def verify_split(manifest: dict, split: str) -> None:
     where it is, an S3 one in this node's cache (copied there first if need be), where the node's workers
     then find it."""
     for shard in manifest["splits"][split]["shards"]:
-        # An S3 shard is checked in the node's cache, whether just copied there or found from an earlier run.
-        path = _local_shard(shard)
-        try:
-            _verify_file(path, shard)
-        except InvalidInput:
-            if not storage.is_s3(shard["uri"]):
-                raise
-            Path(path).unlink(missing_ok=True)  # the cached copy was damaged since: fetched again, checked
-            _local_shard(shard)
+        if not storage.is_s3(shard["uri"]):
+            _verify_file(shard["uri"], shard)
+            continue
+        cached = _cache_path(shard)
+        if cached.exists():  # copied by an earlier run: damaged since, it is fetched again
+            try:
+                _verify_file(cached, shard)
+                continue
+            except InvalidInput:
+                cached.unlink(missing_ok=True)
+        _local_shard(shard)  # copied and checked on its way in
