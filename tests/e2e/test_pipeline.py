@@ -1,5 +1,5 @@
 """`genpipe pipeline` end to end through the real CLI: a local Ray head,
-MLflow on sqlite, storage on local disk and on a moto S3 server."""
+MLflow on sqlite, storage on local disk. (A pipeline on S3 storage, moto's: tests/integration/test_image_folder.py.)"""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.realparts import AWS_KEY_ID, AWS_SECRET, DIGITS, genpipe, last_json
+from tests.realparts import DIGITS, genpipe, last_json
 
 pytestmark = pytest.mark.integration
 
@@ -56,34 +56,6 @@ def test_smoke_pipeline_local_then_cached_then_sampled(home, tmp_path):
 
     listing = genpipe(home, "models", "list")
     assert listing.returncode == 0 and "smoke-dcgan" in listing.stdout and "champion" in listing.stdout
-
-
-def test_smoke_pipeline_on_s3(home, moto_s3):
-    import boto3
-
-    r = genpipe(home, "pipeline", "--config", "jobs/smoke.yaml", *DIGITS, "--set", "name=e2e-s3",
-                "--set", "storage=s3://genpipe/runs", "--set", "registry.model_name=smoke-s3")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert last_json(r.stdout)["version"] == 1
-    s3 = boto3.client("s3", endpoint_url=moto_s3["AWS_ENDPOINT_URL"], region_name="us-east-1",
-                      aws_access_key_id=AWS_KEY_ID, aws_secret_access_key=AWS_SECRET)
-    keys = [o["Key"] for p in s3.get_paginator("list_objects_v2").paginate(Bucket="genpipe", Prefix="runs/")
-            for o in p.get("Contents", [])]
-    for stage in ("prepare", "train", "evaluate", "register"):
-        assert f"runs/e2e-s3/{stage}/manifest.json" in keys
-    assert any(k.endswith("model.safetensors") for k in keys)  # Ray Train checkpoints on S3
-    assert any("mlflow-artifacts" in k and k.endswith("samples.png") for k in keys)  # MLflow artifacts on S3
-
-    # Credentials come from the environment only: none of what the pipeline wrote or
-    # printed holds them (objects on S3, manifests, specs, the MLflow db with every
-    # param, tag and card, the job logs it streamed).
-    written = {f"s3://genpipe/{k}": s3.get_object(Bucket="genpipe", Key=k)["Body"].read() for k in keys}
-    written |= {str(f): f.read_bytes() for f in home["path"].rglob("*") if f.is_file()}
-    written["stdout+stderr"] = (r.stdout + r.stderr).encode()
-    assert len(written) > 20
-    for secret in (AWS_KEY_ID, AWS_SECRET):
-        leaks = [where for where, data in written.items() if secret.encode() in data]
-        assert not leaks, f"{secret} written to {leaks}"
 
 
 def test_ui_serves_mlflow_on_loopback(home):
