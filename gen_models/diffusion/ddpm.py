@@ -15,7 +15,6 @@ DDP never wraps it. Unconditional: `sample` ignores labels.
 
 from __future__ import annotations
 
-import copy
 from typing import Annotated, Literal
 
 import torch
@@ -27,6 +26,7 @@ from gen_models.base import Batch, GenerativeModel, Metrics, from_unit, to_unit
 from gen_models.config import Decay, ModelConfig, config_dataclass
 from gen_models.diffusion.samplers import ddim_sample, ddpm_sample
 from gen_models.diffusion.schedules import NoiseSchedule, cosine_betas, linear_betas
+from gen_models.nn.ema import ema_copy, ema_decay_at, update_ema_
 from gen_models.nn.layers import resolution_steps
 from gen_models.nn.unet import NORM_GROUPS, UNet
 
@@ -101,9 +101,7 @@ class DDPM(GenerativeModel):
         self.schedule = NoiseSchedule(betas)
         self.unet = UNet(channels=config.channels, base_channels=config.base_channels,
                          channel_mults=config.unet_channel_mults, num_res_blocks=config.num_res_blocks)
-        self.ema = _as_buffers(copy.deepcopy(self.unet))
-        # EMA tensor names in the order of unet.parameters(), which DDP wrapping keeps.
-        self._ema_names = [name for name, _ in self.unet.named_parameters()]
+        self.ema = ema_copy(self.unet)
 
     def ddp_modules(self) -> dict[str, nn.Module]:
         return {"unet": self.unet}
@@ -119,14 +117,11 @@ class DDPM(GenerativeModel):
 
     def ema_decay_at(self, step: int) -> float:
         """The EMA decay after `step` completed steps (see DDPMConfig.ema_decay)."""
-        return min(self.config.ema_decay, (1 + step) / (10 + step))
+        return ema_decay_at(self.config.ema_decay, step)
 
-    @torch.no_grad()
     def on_step_end(self, step: int) -> None:
-        """ema <- d * ema + (1 - d) * theta, with d = ema_decay_at(step)."""
-        weight = 1 - self.ema_decay_at(step)
-        for name, param in zip(self._ema_names, self.unet.parameters()):
-            self.ema.get_buffer(name).lerp_(param.detach(), weight)
+        """ema <- d * ema + (1 - d) * theta, with d = ema_decay_at(step) (gen_models.nn.ema)."""
+        update_ema_(self.ema, self.unet, self.ema_decay_at(step))
 
     @torch.no_grad()
     def sample(self, n: int, *, labels: Tensor | None = None, generator: torch.Generator | None = None,
@@ -150,11 +145,3 @@ class DDPM(GenerativeModel):
         c = self.config
         return (c.sampler, c.sample_steps if c.sampler == "ddim" else c.timesteps)
 
-
-def _as_buffers(module: nn.Module) -> nn.Module:
-    """`module` with every parameter turned into a buffer of the same name, in place."""
-    for m in module.modules():
-        for name, param in list(m.named_parameters(recurse=False)):
-            delattr(m, name)
-            m.register_buffer(name, param.detach())
-    return module

@@ -1,16 +1,27 @@
 """What the adversarial families share: the config fields of a latent
 generator and its Adam optimizers, the model plumbing around a generator and
-a discriminator, the non-saturating GAN update (Goodfellow et al. 2014; dcgan,
-gan, cgan) and drawing images from a tanh generator (every GAN family).
+a discriminator, the GAN update of dcgan, gan, cgan and stylegan
+(`adversarial_step`) and drawing images from a tanh generator (every GAN family).
 
-D returns a logit, not a probability: the losses are binary cross-entropy with
-logits, written as softplus, which stays finite where sigmoid saturates:
-softplus(-l) = -log sigmoid(l) and softplus(l) = -log(1 - sigmoid(l)).
+The training recipe is config, shared by every family (benchmarks/recipes.py
+measures each piece on the demo):
+  loss           "nonsaturating" (Goodfellow et al. 2014) or "hinge" (Lim & Ye 2017; Miyato et al. 2018)
+  spectral_norm  every weight of D divided by its largest singular value (Miyato et al. 2018)
+  d_lr           D's own learning rate: two time-scales (TTUR, Heusel et al. 2017)
+  betas          Adam's; beta1 = 0 as in SNGAN, BigGAN and StyleGAN
+  augment        DiffAugment on everything D sees (Zhao et al. 2020), gen_models.nn.diffaugment
+  ema_decay      samples from an EMA of G's weights (Karras et al. 2018; Brock et al. 2019), gen_models.nn.ema
+
+D returns a logit, not a probability. The non-saturating losses are binary
+cross-entropy with logits, written as softplus, which stays finite where sigmoid
+saturates: softplus(-l) = -log sigmoid(l) and softplus(l) = -log(1 - sigmoid(l)).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +29,11 @@ from pydantic import PositiveFloat, PositiveInt
 from torch import Tensor, nn
 
 from gen_models.base import GenerativeModel, Metrics, StepContext, noise, to_unit
-from gen_models.config import AdamBetas, ModelConfig, config_dataclass
+from gen_models.config import AdamBetas, Decay, ModelConfig, config_dataclass
+from gen_models.nn.diffaugment import Policy, diff_augment
+from gen_models.nn.ema import copy_buffers_, ema_copy, ema_decay_at, update_ema_
+
+Loss = Literal["nonsaturating", "hinge"]
 
 
 @config_dataclass
@@ -28,7 +43,30 @@ class AdversarialConfig(ModelConfig):
     lr: PositiveFloat = 2e-4
     """Adam learning rate of both networks (DCGAN paper)."""
     betas: AdamBetas = (0.5, 0.999)
-    """Adam betas of both networks; beta1 = 0.5 instead of 0.9 damps oscillation (DCGAN paper)."""
+    """Adam betas of both networks; beta1 = 0.5 instead of 0.9 damps oscillation (DCGAN paper).
+    SNGAN, BigGAN and StyleGAN take beta1 = 0: momentum lags behind an opponent that keeps moving."""
+    d_lr: PositiveFloat | None = None
+    """Adam learning rate of the discriminator (critic); None: lr. A D faster than G (TTUR,
+    Heusel et al. 2017: e.g. 4e-4 against 1e-4) tracks G closely, as the convergence proof wants."""
+    loss: Loss = "nonsaturating"
+    """The adversarial loss of the dcgan, gan, cgan and stylegan update: "nonsaturating"
+    (D: -log D(x) - log(1 - D(G(z))), G: -log D(G(z))) or "hinge" (D: relu(1 - l(x)) +
+    relu(1 + l(G(z))), G: -l(G(z)); SNGAN, BigGAN), which stops pushing D on examples it
+    already scores beyond the margin. The Wasserstein families have their own."""
+    spectral_norm: bool = False
+    """Divide each conv and linear weight of D by its largest singular value (one power
+    iteration per forward, Miyato et al. 2018): D is then 1-Lipschitz per layer, which keeps
+    its gradients to G informative. D's BatchNorm layers are dropped with it, as in SNGAN:
+    their rescaling would undo the bound."""
+    augment: tuple[Policy, ...] = ()
+    """DiffAugment transforms ("color", "translation", "cutout"; Zhao et al. 2020) applied to
+    real and fake images alike before D, in both updates: D cannot memorise the data as fast.
+    Empty: none. Not with the Wasserstein families."""
+    ema_decay: Decay | None = None
+    """Sample and evaluate with an EMA of G's weights at this decay (after a warm-up, see
+    gen_models.nn.ema), with the live G's BatchNorm statistics. None: the live G.
+    StyleGAN and BigGAN evaluate the EMA: the last iterate of a GAN oscillates around the
+    solution, its average sits closer to it."""
 
     @classmethod
     def tiny(cls, **overrides) -> AdversarialConfig:
@@ -43,43 +81,120 @@ class AdversarialModel(GenerativeModel):
     generator: nn.Module
     discriminator: nn.Module
 
+    # The attribute holding D: "critic" in the Wasserstein families.
+    discriminator_name = "discriminator"
+
+    def apply_recipe(self) -> None:
+        """Called at the end of a family's `__init__`, once G and D exist and are initialised:
+        spectral norm on D, and the EMA copy of G (`generator_ema`, part of the state dict)."""
+        if self.config.spectral_norm:
+            spectral_norm_(getattr(self, self.discriminator_name))
+        if self.config.ema_decay is not None:
+            self.generator_ema = ema_copy(self.generator)
+
+    @property
+    def sampling_generator(self) -> nn.Module:
+        """The G that `sample` draws from: the EMA copy when there is one, else the live G.
+
+        The EMA copy gets the live G's buffers (BatchNorm statistics) first: copied at use, not
+        at each step, it also gets them after the trainer has averaged them over the ranks."""
+        if self.config.ema_decay is None:
+            return self.generator
+        return copy_buffers_(self.generator_ema, self.generator)
+
+    def on_step_end(self, step: int) -> None:
+        """generator_ema <- d * generator_ema + (1 - d) * generator, weights only (gen_models.nn.ema)."""
+        if self.config.ema_decay is not None:
+            update_ema_(self.generator_ema, self.generator, ema_decay_at(self.config.ema_decay, step))
+
     def ddp_modules(self) -> dict[str, nn.Module]:
         return {"generator": self.generator, "discriminator": self.discriminator}
 
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {name: self.build_optimizer(m) for name, m in self.ddp_modules().items()}
+        return {name: self.build_optimizer(m, lr=self.lr_of(name)) for name, m in self.ddp_modules().items()}
 
-    def build_optimizer(self, module: nn.Module) -> torch.optim.Optimizer:
+    def lr_of(self, name: str) -> float:
+        """The learning rate of `ddp_modules()[name]`: d_lr (when set) for D, lr for the rest."""
+        c = self.config
+        return c.d_lr if name == self.discriminator_name and c.d_lr is not None else c.lr
+
+    def build_optimizer(self, module: nn.Module, *, lr: float | None = None) -> torch.optim.Optimizer:
         """The optimizer of one of `ddp_modules()`: Adam(lr, betas) for every one."""
-        return torch.optim.Adam(module.parameters(), lr=self.config.lr, betas=self.config.betas)
+        return torch.optim.Adam(module.parameters(), lr=self.config.lr if lr is None else lr,
+                                betas=self.config.betas)
+
+    def gan_step(self, ctx: StepContext, discriminator: Callable[[Tensor], Tensor], real: Tensor,
+                 fake: Tensor) -> Metrics:
+        """`adversarial_step` with this config's loss and augmentation."""
+        policy = self.config.augment
+        return adversarial_step(ctx, discriminator, real, fake, loss=self.config.loss,
+                                augment=(lambda x: diff_augment(x, policy)) if policy else None)
 
     def sample(self, n: int, *, labels: Tensor | None = None,
                generator: torch.Generator | None = None) -> Tensor:
-        return sample_generator(self.generator, n, self.config.z_dim, generator=generator)
+        return sample_generator(self.sampling_generator, n, self.config.z_dim, generator=generator)
 
 
-def nonsaturating_step(ctx: StepContext, discriminator: Callable[[Tensor], Tensor],
-                       real: Tensor, fake: Tensor) -> Metrics:
+def spectral_norm_(module: nn.Module) -> nn.Module:
+    """Spectral normalisation on every conv and linear weight of `module`, and its BatchNorm
+    layers replaced by identities, in place (see AdversarialConfig.spectral_norm).
+
+    W is used as W / sigma(W), sigma estimated by one power iteration per training-mode
+    forward (u, v kept as buffers): torch.nn.utils.parametrizations.spectral_norm.
+    """
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.modules.batchnorm._BatchNorm):
+                setattr(parent, name, nn.Identity())
+            elif isinstance(child, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+                nn.utils.parametrizations.spectral_norm(child)
+    return module
+
+
+def d_loss(logit_real: Tensor, logit_fake: Tensor, kind: Loss) -> Tensor:
+    """D's loss, to descend, on its logits for real and for fake images."""
+    if kind == "hinge":
+        # Only images on the wrong side of the margin (l(x) < 1, l(G(z)) > -1) push D.
+        return F.relu(1 - logit_real).mean() + F.relu(1 + logit_fake).mean()
+    # Non-saturating: D ascends log D(x) + log(1 - D(G(z))).
+    return F.softplus(-logit_real).mean() + F.softplus(logit_fake).mean()
+
+
+def g_loss(logit_fake: Tensor, kind: Loss) -> Tensor:
+    """G's loss, to descend, on D's logits for its images."""
+    if kind == "hinge":
+        return -logit_fake.mean()
+    # G ascends log D(G(z)) (non-saturating) rather than descending
+    # log(1 - D(G(z))), whose gradient vanishes while D still wins easily.
+    return F.softplus(-logit_fake).mean()
+
+
+def adversarial_step(ctx: StepContext, discriminator: Callable[[Tensor], Tensor], real: Tensor, fake: Tensor,
+                     *, loss: Loss = "nonsaturating", augment: Callable[[Tensor], Tensor] | None = None) -> Metrics:
     """One D update, then one G update, through the optimizers named
     "discriminator" and "generator".
 
     `discriminator` maps images to logits (N,); a conditional family passes a
     closure that fixes the labels. `fake` = G(z) with its graph, so that G's
-    update can differentiate through it.
+    update can differentiate through it. `augment`, when given, goes on every
+    image D sees, real and fake, in both updates (DiffAugment).
     """
-    # D ascends log D(x) + log(1 - D(G(z))). G(z) is detached so D's loss stops at D.
+    if augment is not None:
+        plain = discriminator
+
+        def discriminator(images: Tensor) -> Tensor:
+            return plain(augment(images))
+    # G(z) is detached so D's loss stops at D.
     ctx.zero_grad("discriminator")
     logit_real = discriminator(real)
     logit_fake = discriminator(fake.detach())
-    loss_d = F.softplus(-logit_real).mean() + F.softplus(logit_fake).mean()
+    loss_d = d_loss(logit_real, logit_fake, loss)
     ctx.backward(loss_d)
     ctx.step_optimizer("discriminator")
 
-    # G ascends log D(G(z)) (non-saturating) rather than descending
-    # log(1 - D(G(z))), whose gradient vanishes while D still wins easily.
     # This pass also leaves gradients on D; its next zero_grad discards them.
     ctx.zero_grad("generator")
-    loss_g = F.softplus(-discriminator(fake)).mean()
+    loss_g = g_loss(discriminator(fake), loss)
     ctx.backward(loss_g)
     ctx.step_optimizer("generator")
 
@@ -103,7 +218,8 @@ def sample_generator(net: nn.Module, n: int, z_dim: int, *, labels: Tensor | Non
     was_training = g.training
     g.eval()
     try:
-        device = next(g.parameters()).device
+        # An EMA copy holds its weights as buffers: it has no parameters.
+        device = next(itertools.chain(g.parameters(), g.buffers())).device
         z = noise((n, z_dim), device=device, generator=generator)
         return to_unit(g(z) if labels is None else g(z, labels.to(device)))
     finally:

@@ -15,7 +15,7 @@ with the projection.
 
 Training uses each batch's labels for its real and its fake images, so G sees
 labels at their frequency in the data. The update is the shared
-`nonsaturating_step` of gen_models.gan.adversarial.
+`adversarial_step` of gen_models.gan.adversarial.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from gen_models.base import Batch, Metrics, StepContext, from_unit, noise
 from gen_models.config import config_dataclass
-from gen_models.gan.adversarial import AdversarialModel, nonsaturating_step, sample_generator
+from gen_models.gan.adversarial import AdversarialModel, sample_generator
 from gen_models.gan.gan import GANConfig
 from gen_models.nn.mlp import mlp_features, mlp_generator
 
@@ -80,12 +80,13 @@ class CGAN(AdversarialModel):
         self.config = config
         self.generator = ConditionalGenerator(config)
         self.discriminator = ProjectionDiscriminator(config)
+        self.apply_recipe()
 
     def training_step(self, batch: Batch, ctx: StepContext) -> Metrics:
         x, y = batch
         real = from_unit(x)
         fake = self.generator(noise((real.shape[0], self.config.z_dim), device=real.device), y)
-        return nonsaturating_step(ctx, lambda images: self.discriminator(images, y), real, fake)
+        return self.gan_step(ctx, lambda images: self.discriminator(images, y), real, fake)
 
     def sample(self, n: int, *, labels: Tensor | None = None,
                generator: torch.Generator | None = None) -> Tensor:
@@ -96,4 +97,4 @@ class CGAN(AdversarialModel):
             labels = torch.randint(k, (n,), generator=generator, device=device)
         elif labels.shape != (n,) or labels.is_floating_point() or bool(((labels < 0) | (labels >= k)).any()):
             raise ValueError(f"labels must be n = {n} integers in [0, {k}), got {labels}")
-        return sample_generator(self.generator, n, self.config.z_dim, labels=labels, generator=generator)
+        return sample_generator(self.sampling_generator, n, self.config.z_dim, labels=labels, generator=generator)

@@ -1,5 +1,5 @@
 """DCGAN (Radford et al. 2015) trained with the non-saturating GAN loss
-(Goodfellow et al. 2014).
+(Goodfellow et al. 2014) by default; see AdversarialConfig for the recipe options.
 
     n = resolution_steps(s) stride-2 steps between the image and a k x k map, k = s / 2^n
     G: z -> (2^(n-1) g, k, k) -> ... -> (2g, s/4, s/4) -> (g, s/2, s/2) -> (C, s, s)   BatchNorm + ReLU, tanh out
@@ -11,7 +11,8 @@ starts from 4x4 too (n = 3). 28 cannot halve below 7x7 and 8 starts from 2x2:
 both take n = 2, the nets the digits and Fashion-MNIST were tuned with.
 
 D returns a logit, not a probability; the update itself is the shared
-`nonsaturating_step` of gen_models.gan.adversarial.
+`adversarial_step` of gen_models.gan.adversarial, non-saturating unless
+the config's `loss` says hinge.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch import nn
 
 from gen_models.base import Batch, Metrics, StepContext, from_unit, noise
 from gen_models.config import config_dataclass
-from gen_models.gan.adversarial import AdversarialConfig, AdversarialModel, nonsaturating_step
+from gen_models.gan.adversarial import AdversarialConfig, AdversarialModel
 from gen_models.nn.layers import dcgan_init_, downsample, resolution_steps, upsample
 
 
@@ -76,8 +77,9 @@ class DCGAN(AdversarialModel):
         self.generator = nn.Sequential(*layers)
         self.discriminator = dcgan_discriminator(c, config.d_channels, config.image_size)
         dcgan_init_(self)
+        self.apply_recipe()
 
     def training_step(self, batch: Batch, ctx: StepContext) -> Metrics:
         real = from_unit(batch[0])
         fake = self.generator(noise((real.shape[0], self.config.z_dim), device=real.device))
-        return nonsaturating_step(ctx, self.discriminator, real, fake)
+        return self.gan_step(ctx, self.discriminator, real, fake)

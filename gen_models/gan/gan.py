@@ -8,7 +8,7 @@ the non-saturating loss.
     G: max  E_z log D(G(z))    (non-saturating: the paper's fix for a G that D rejects easily)
 
 Both nets see the image flattened, so any image_size and channel count work.
-The update is the shared `nonsaturating_step` of gen_models.gan.adversarial.
+The update is the shared `adversarial_step` of gen_models.gan.adversarial.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch import nn
 
 from gen_models.base import Batch, Metrics, StepContext, from_unit, noise
 from gen_models.config import config_dataclass
-from gen_models.gan.adversarial import AdversarialConfig, AdversarialModel, nonsaturating_step
+from gen_models.gan.adversarial import AdversarialConfig, AdversarialModel
 from gen_models.nn.mlp import mlp_features, mlp_generator
 
 
@@ -43,8 +43,9 @@ class GAN(AdversarialModel):
         c, s, h, depth = config.channels, config.image_size, config.hidden, config.depth
         self.generator = mlp_generator(config.z_dim, h, depth, c, s)
         self.discriminator = nn.Sequential(mlp_features(c, s, h, depth), nn.Linear(h, 1), nn.Flatten(0))
+        self.apply_recipe()
 
     def training_step(self, batch: Batch, ctx: StepContext) -> Metrics:
         real = from_unit(batch[0])
         fake = self.generator(noise((real.shape[0], self.config.z_dim), device=real.device))
-        return nonsaturating_step(ctx, self.discriminator, real, fake)
+        return self.gan_step(ctx, self.discriminator, real, fake)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from gen_models.base import Batch, Metrics, StepContext, from_unit, noise, to_unit
 from gen_models.config import AdamBetas, Decay, UnitInterval, config_dataclass
-from gen_models.gan.adversarial import AdversarialConfig, AdversarialModel, nonsaturating_step
+from gen_models.gan.adversarial import AdversarialConfig, AdversarialModel
 from gen_models.gan.dcgan import dcgan_discriminator
 from gen_models.nn.layers import dcgan_init_, resolution_steps
 from gen_models.nn.style import AdaIN, MappingNetwork, NoiseInput
@@ -119,6 +119,7 @@ class StyleGAN(AdversarialModel):
         self.generator = StyleGenerator(config)
         self.discriminator = dcgan_discriminator(config.channels, config.d_channels, config.image_size)
         dcgan_init_(self.discriminator)
+        self.apply_recipe()
 
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         c = self.config
@@ -128,12 +129,12 @@ class StyleGAN(AdversarialModel):
         return {"generator": torch.optim.Adam([{"params": synthesis},
                                                {"params": mapping, "lr": c.lr * c.mapping_lr_mult}],
                                               lr=c.lr, betas=c.betas),
-                "discriminator": self.build_optimizer(self.discriminator)}
+                "discriminator": self.build_optimizer(self.discriminator, lr=self.lr_of("discriminator"))}
 
     def training_step(self, batch: Batch, ctx: StepContext) -> Metrics:
         real = from_unit(batch[0])
         fake = self.generator(noise((real.shape[0], self.config.z_dim), device=real.device))
-        return nonsaturating_step(ctx, self.discriminator, real, fake)
+        return self.gan_step(ctx, self.discriminator, real, fake)
 
     @torch.no_grad()
     def sample(self, n: int, *, labels: Tensor | None = None, generator: torch.Generator | None = None,
@@ -141,7 +142,7 @@ class StyleGAN(AdversarialModel):
         """n images in [0, 1] at psi = `truncation` (default: the config's); z
         and the noise maps come from `generator` when given."""
         # Bypass a DDP wrapper (see sample_generator); eval mode neither mixes styles nor moves the mean w.
-        g = getattr(self.generator, "module", self.generator)
+        g = getattr(self.sampling_generator, "module", self.sampling_generator)
         was_training = g.training
         g.eval()
         try:

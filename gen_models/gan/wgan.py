@@ -27,7 +27,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import PositiveFloat, PositiveInt
+from pydantic import PositiveFloat, PositiveInt, model_validator
 from torch import Tensor, nn
 
 from gen_models.base import Batch, Metrics, StepContext, from_unit, noise
@@ -51,6 +51,15 @@ class WGANConfig(GANConfig):
     """Learning rate of both networks: RMSprop for "clip", Adam for "gp"."""
     betas: AdamBetas = (0.0, 0.9)
     """Adam betas (variant "gp" only; "clip" uses RMSprop, which has none)."""
+
+    @model_validator(mode="after")
+    def _recipe_applies(self) -> WGANConfig:
+        # The critic's loss is the Wasserstein one; DiffAugment is untested under the penalty here.
+        if self.loss != "nonsaturating":
+            raise ValueError(f"loss {self.loss!r} does not apply to a Wasserstein critic, whose loss is its own")
+        if self.augment:
+            raise ValueError("augment is not implemented for the Wasserstein families")
+        return self
 
     @classmethod
     def tiny(cls, **overrides) -> WGANConfig:
@@ -95,6 +104,9 @@ class WGAN(AdversarialModel):
         # would never get a gradient from it.
         self.critic = nn.Sequential(mlp_features(c, s, h, depth, norm=norm), nn.Linear(h, 1, bias=False),
                                     nn.Flatten(0))
+        self.apply_recipe()
+
+    discriminator_name = "critic"
 
     def ddp_modules(self) -> dict[str, nn.Module]:
         # "critic", not "discriminator": the name training_step's optimizer calls
@@ -105,10 +117,10 @@ class WGAN(AdversarialModel):
         # The penalty differentiates the critic twice.
         return {"generator": self.generator} if self.config.variant == "gp" else self.ddp_modules()
 
-    def build_optimizer(self, module: nn.Module) -> torch.optim.Optimizer:
+    def build_optimizer(self, module: nn.Module, *, lr: float | None = None) -> torch.optim.Optimizer:
         if self.config.variant == "clip":
-            return torch.optim.RMSprop(module.parameters(), lr=self.config.lr)
-        return super().build_optimizer(module)
+            return torch.optim.RMSprop(module.parameters(), lr=self.config.lr if lr is None else lr)
+        return super().build_optimizer(module, lr=lr)
 
     def training_step(self, batch: Batch, ctx: StepContext) -> Metrics:
         cfg = self.config
