@@ -1,4 +1,10 @@
-"""Exploration for issue 16 part 3: what closes DDIM-50's gap to the ancestral chain (digits, FID)."""
+"""What closes DDIM-50's gap to the ancestral chain (digits, FID)? An exploration on the weights of
+benchmarks/sampling_quality.py's DDPM, kept with its logs:
+
+    python ddim_explore.py 1    # ddim_explore.log: trains the DDPM (saved to /tmp), 1,000 samples, 3 seeds
+    python ddim_explore.py 2    # ddim_explore2.log: 2,000 samples, 4 seeds (the chain 2)
+    python ddim_explore.py 3    # ddim_explore3.log: 2,000 samples, 2 seeds: raw weights, 200 steps
+"""
 import json, sys, time
 from pathlib import Path
 import torch
@@ -20,7 +26,8 @@ extractor, acc = metrics.train_extractor(raw.x_train, raw.y_train, num_classes=1
                                          x_test=raw.x_test, y_test=raw.y_test)
 real = metrics.extract(extractor, x_test)[0]
 fid = lambda im: metrics.fid_from_features(metrics.extract(extractor, im)[0], real)
-N = 1000
+PART = int(sys.argv[1])
+N = 1000 if PART == 1 else 2000
 ckpt = Path("/tmp/ddpm_digits.pt")
 torch.manual_seed(0)
 model = registry.build("ddpm", MODEL)
@@ -66,20 +73,33 @@ def ddim(steps, eta, kind="trailing", clip=True, gen=None):
             x = x + sigma * noise(shape, generator=gen)
     return ((x + 1) / 2).clamp(0, 1)
 
-rows = []
-def row(label, f):
-    vals = []
-    for seed in (1, 2, 3):
-        t0 = time.perf_counter()
-        vals.append(fid(f(torch.Generator().manual_seed(seed))))
-    r = {"label": label, "fids": [round(v, 2) for v in vals], "mean": round(sum(vals) / 3, 2), "s": round(time.perf_counter() - t0, 1)}
-    print(json.dumps(r), flush=True)
-    rows.append(r)
 
-row("ancestral 1000", lambda g: ((ddpm_sample(eps_fn, sched, (N, 1, 8, 8), generator=g) + 1) / 2).clamp(0, 1))
-for eta in (0.0, 0.3, 0.5, 1.0):
-    row(f"ddim50 trailing eta={eta}", lambda g, eta=eta: ddim(50, eta, gen=g))
-row("ddim50 leading eta=0", lambda g: ddim(50, 0.0, "leading", gen=g))
-row("ddim50 linspace eta=0", lambda g: ddim(50, 0.0, "linspace", gen=g))
-row("ddim50 trailing eta=0 noclip", lambda g: ddim(50, 0.0, clip=False, gen=g))
-row("ddim100 trailing eta=0.5", lambda g: ddim(100, 0.5, gen=g))
+def row(label, f, seeds=(1, 2, 3)):
+    vals = [fid(f(torch.Generator().manual_seed(seed))) for seed in seeds]
+    print(json.dumps({"label": label, "fids": [round(v, 2) for v in vals], "mean": round(sum(vals) / len(vals), 2)}),
+          flush=True)
+
+
+def ancestral(g):
+    return ((ddpm_sample(eps_fn, sched, (N, 1, 8, 8), generator=g) + 1) / 2).clamp(0, 1)
+
+
+if PART == 1:
+    row("ancestral 1000", ancestral)
+    for eta in (0.0, 0.3, 0.5, 1.0):
+        row(f"ddim50 trailing eta={eta}", lambda g, eta=eta: ddim(50, eta, gen=g))
+    row("ddim50 leading eta=0", lambda g: ddim(50, 0.0, "leading", gen=g))
+    row("ddim50 linspace eta=0", lambda g: ddim(50, 0.0, "linspace", gen=g))
+    row("ddim50 trailing eta=0 noclip", lambda g: ddim(50, 0.0, clip=False, gen=g))
+elif PART == 2:
+    print("floor (train digits vs test)", round(fid(x_train.float() / 255), 2), len(x_train), flush=True)
+    for steps in (50, 100):
+        for eta in (0.0, 0.5, 1.0):
+            row(f"ddim{steps} eta={eta}", lambda g, eta=eta, steps=steps: ddim(steps, eta, gen=g), (1, 2, 3, 4))
+    row("ancestral 1000", ancestral, (1, 2))
+else:
+    eps_fn = model.unet
+    row("raw weights ddim50 eta=0", lambda g: ddim(50, 0.0, gen=g), (1, 2))
+    eps_fn = model.ema
+    row("ddim200 eta=0", lambda g: ddim(200, 0.0, gen=g), (1, 2))
+    row("ddim200 eta=1", lambda g: ddim(200, 1.0, gen=g), (1, 2))
