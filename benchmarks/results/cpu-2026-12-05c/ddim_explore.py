@@ -15,8 +15,7 @@ from gen_models.diffusion.samplers import ddpm_sample, ddim_sigma
 from pipelines import metrics
 from pipelines.data import load_source
 from pipelines.steps import StepBatches, run_steps
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from sampling_quality import MODEL
+from benchmarks.sampling_quality import MODEL
 
 torch.set_num_threads(1)
 raw = load_source("digits", None)
