@@ -8,6 +8,7 @@ re-checking each item below (and deleting what the new version makes needless).
 from __future__ import annotations
 
 import os
+import time
 from importlib.metadata import version
 
 RAY_VERSION = "2.60.0"
@@ -48,3 +49,32 @@ def poll_train_workers_often() -> None:
     until the next poll (1.6 s a report on the smoke spec), and the end of a run is seen up to 2 s late.
     A poll is one small actor call per worker."""
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+
+
+def free_placement_groups_left_by(job_id: str, *, wait_s: float = 30.0) -> int:
+    """Remove the placement groups that job `job_id` created and that still reserve resources, once its
+    Train runs are over: waits up to `wait_s` for Train to free them itself first. Returns how many it
+    removed.
+
+    Train's controller registers each worker group's placement group with a detached
+    PlacementGroupCleaner, which removes it if the controller dies. A controller that dies while it
+    restarts its worker group, after creating the new group's placement group and before registering it,
+    leaves that one to nobody: it stays reserved until the head stops. A search makes that window
+    likely: at its end Tune kills every trial's actor, and with it a Train run that was restarting
+    (seen once in the PBT test, a worker's health check failing under load just before the end). Only
+    called when the job's searches are over, so a placement group it still owns has no run to serve.
+    (Registering the group with the cleaner before creating it, in Train, would retire this.)"""
+    import ray
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+    from ray.util.state import list_placement_groups
+
+    def reserved() -> list:
+        return list_placement_groups(filters=[("creator_job_id", "=", job_id), ("state", "!=", "REMOVED")],
+                                     limit=10_000, raise_on_missing_output=False)
+
+    deadline = time.monotonic() + wait_s
+    while (left := reserved()) and time.monotonic() < deadline:
+        time.sleep(1)
+    for pg in left:
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg.placement_group_id))))
+    return len(left)

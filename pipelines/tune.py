@@ -38,7 +38,7 @@ from ray import tune
 
 from gen_models import registry
 from gen_models.base import GenerativeModel
-from pipelines import checkpoints, metrics, storage, tracking, train
+from pipelines import checkpoints, metrics, ray_internals, storage, tracking, train
 from pipelines import data as datasets
 from pipelines.config import PipelineSpec
 from pipelines.errors import InvalidInput, StageFailed
@@ -388,6 +388,13 @@ def run(spec: PipelineSpec, prepared: dict, *, run_id: str, tracking_uri: str, s
                                       checkpoint_config=tune.CheckpointConfig(
                                           num_to_keep=None if t.scheduler == "pbt" else spec.train.num_to_keep)))
     results = tuner.fit()
+    try:
+        freed = ray_internals.free_placement_groups_left_by(ray.get_runtime_context().get_job_id())
+    except Exception as e:  # noqa: BLE001 -- the search's result stands; say what may stay reserved
+        print(f"could not check for placement groups left by the trials' Train runs: {e}", flush=True)
+    else:
+        if freed:
+            print(f"freed {freed} placement group(s) a trial's Train run left reserved", flush=True)
 
     rows = [_row(spec, r, metric) for r in results]
     done = [r for r in results if r.metrics and math.isfinite(r.metrics.get(metric, math.inf))]
