@@ -142,7 +142,8 @@ class StyleGAN(AdversarialModel):
         """n images in [0, 1] at psi = `truncation` (default: the config's); z
         and the noise maps come from `generator` when given."""
         # Bypass a DDP wrapper (see sample_generator); eval mode neither mixes styles nor moves the mean w.
-        g = getattr(self.sampling_generator, "module", self.sampling_generator)
+        g = self.sampling_generator
+        g = getattr(g, "module", g)
         was_training = g.training
         g.eval()
         try:
