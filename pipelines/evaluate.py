@@ -93,36 +93,15 @@ def run(spec: PipelineSpec, prepared: dict, checkpoint_uri: str, *, out_uri: str
                                                              prepared["extractor"]["sha256"]))
     ref = metrics.ReferenceStats.from_bytes(storage.read_verified(prepared["reference"]["uri"],
                                                                   prepared["reference"]["sha256"]))
-    n = spec.evaluate.num_samples
-    # a conditional model is asked for every class equally often, so its samples also measure
-    # whether it draws the class it was asked for
-    labels = torch.arange(n, device=device) % model.config.num_classes if model.conditional else None
-    t0 = time.perf_counter()
-    samples = draw(model, n, batch_size=spec.evaluate.batch_size, seed=spec.seed, labels=labels)
-    sample_s = time.perf_counter() - t0
-    feats, logits = metrics.extract(extractor, samples)
-    kid_mean, kid_std = metrics.kid(feats, ref.features, subset_size=min(1000, n, len(ref.features)))
-    precision, recall = metrics.precision_recall(ref.features[:n], feats[:len(ref.features)])
-    sampler, sample_steps = model.sampling_cost()
-    results = {
-        "fid": metrics.fid(*_stats(feats), ref.mu, ref.sigma),
-        "kid": kid_mean, "kid_std": kid_std, "precision": precision, "recall": recall,
-        "sample_img_per_s": n / sample_s, "sample_steps": sample_steps,
-    }
-    # Logits are classes only for a classifier (on the data's labels) and Inception (ImageNet's); a rotation
-    # extractor's say which way up a sample looks, and samples that all look upright would score IS 1.
     # Manifests from before there were other kinds have no kind: a classifier's or Inception's.
     kind = prepared["extractor"].get("kind", "classifier")
-    if kind != "rotation":
-        results["is"], results["is_std"] = metrics.inception_score(logits)
-    if labels is not None and kind == "classifier":
-        results["conditional_accuracy"] = float((logits.argmax(1) == labels.cpu().numpy()).mean())
+    test = None
     if model.has_log_prob:
         datasets.verify_split(prepared["data"], "test")
-        x_test = datasets.ShardedImages(prepared["data"], "test")  # read a batch at a time
-        with torch.random.fork_rng(devices=[]):  # ELBOs and dequantisation draw noise: the same noise on a re-run
-            torch.manual_seed(spec.seed)
-            results["bits_per_dim"] = bits_per_dim(model, x_test)
+        test = datasets.ShardedImages(prepared["data"], "test")  # read a batch at a time
+    results, samples = score(model, extractor, ref, kind=kind, num_samples=spec.evaluate.num_samples,
+                             batch_size=spec.evaluate.batch_size, seed=spec.seed, test=test)
+    sampler, _ = model.sampling_cost()
 
     png = grid_png(samples[:spec.evaluate.grid_size])
     grid_uri = storage.join(out_uri, "samples.png")
@@ -134,7 +113,7 @@ def run(spec: PipelineSpec, prepared: dict, checkpoint_uri: str, *, out_uri: str
     now = int(time.time() * 1000)
     c.log_batch(run_id, metrics=[Metric(f"eval/{k}", float(v), now, 0) for k, v in results.items()])
     tags = {"extractor_hash": prepared["extractor"]["sha256"], "reference_hash": prepared["reference"]["sha256"],
-            "eval_num_samples": str(n), "sampler": sampler}
+            "eval_num_samples": str(spec.evaluate.num_samples), "sampler": sampler}
     if model.has_log_prob:
         tags["bits_per_dim_kind"] = "bound" if model.log_prob_is_bound else "exact"
     for k, v in tags.items():
@@ -144,6 +123,42 @@ def run(spec: PipelineSpec, prepared: dict, checkpoint_uri: str, *, out_uri: str
         c.log_artifact(run_id, str(Path(tmp) / "samples.png"))
     return {"metrics": results, "grid": grid_uri, "checkpoint": checkpoint_uri,
             "primary_metric": list(model.primary_metric), **tags}
+
+
+def score(model: GenerativeModel, extractor: torch.nn.Module, ref: metrics.ReferenceStats, *, kind: str,
+          num_samples: int, batch_size: int, seed: int, test: datasets.ShardedImages | None
+          ) -> tuple[dict[str, float], torch.Tensor]:
+    """What the evaluate stage measures of `model`, and the samples it drew: FID, KID, precision and
+    recall against `ref` in the features of `extractor` (of `kind`), and bits/dim on `test` for a
+    model with a density."""
+    n = num_samples
+    device = next(model.parameters()).device
+    # a conditional model is asked for every class equally often, so its samples also measure
+    # whether it draws the class it was asked for
+    labels = torch.arange(n, device=device) % model.config.num_classes if model.conditional else None
+    t0 = time.perf_counter()
+    samples = draw(model, n, batch_size=batch_size, seed=seed, labels=labels)
+    sample_s = time.perf_counter() - t0
+    feats, logits = metrics.extract(extractor, samples)
+    kid_mean, kid_std = metrics.kid(feats, ref.features, subset_size=min(1000, n, len(ref.features)))
+    precision, recall = metrics.precision_recall(ref.features[:n], feats[:len(ref.features)])
+    _, sample_steps = model.sampling_cost()
+    results = {
+        "fid": metrics.fid(*_stats(feats), ref.mu, ref.sigma),
+        "kid": kid_mean, "kid_std": kid_std, "precision": precision, "recall": recall,
+        "sample_img_per_s": n / sample_s, "sample_steps": sample_steps,
+    }
+    # Logits are classes only for a classifier (on the data's labels) and Inception (ImageNet's); a rotation
+    # extractor's say which way up a sample looks, and samples that all look upright would score IS 1.
+    if kind != "rotation":
+        results["is"], results["is_std"] = metrics.inception_score(logits)
+    if labels is not None and kind == "classifier":
+        results["conditional_accuracy"] = float((logits.argmax(1) == labels.cpu().numpy()).mean())
+    if model.has_log_prob and test is not None:
+        with torch.random.fork_rng(devices=[]):  # ELBOs and dequantisation draw noise: the same noise on a re-run
+            torch.manual_seed(seed)
+            results["bits_per_dim"] = bits_per_dim(model, test)
+    return results, samples
 
 
 def _stats(f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -13,12 +13,16 @@ from __future__ import annotations
 import hashlib
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 from torch import Tensor
 
+from gen_models import registry
 from gen_models.base import GenerativeModel, StepContext
+
+if TYPE_CHECKING:
+    from pipelines.config import PipelineSpec
 
 
 class StepBatches:
@@ -84,6 +88,19 @@ class StepBatches:
         idx = self.indices(step)
         x, y = self.x[idx], self.y[idx]
         return (x.pin_memory(), y.pin_memory()) if pin else (x, y)
+
+
+def build_model(spec: PipelineSpec, manifest: dict, device: torch.device) -> tuple[GenerativeModel, StepContext]:
+    """The spec's model sized to the prepared data, on `device`, and the step context that trains it.
+    Seeded with the spec's seed first, so every rank (and every re-run) starts from the same weights."""
+    c, h, _ = manifest["shape"]
+    config = spec.model.build_config(image_size=h, channels=c, num_classes=manifest["num_classes"])
+    torch.manual_seed(spec.seed)
+    model = registry.build(spec.model.family, config).to(device)
+    ctx = StepContext(optimizers=model.configure_optimizers(), grad_clip=spec.train.grad_clip,
+                      amp_dtype=torch.bfloat16 if spec.train.precision == "bf16" else None,
+                      device_type=device.type)
+    return model, ctx
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:

@@ -34,7 +34,7 @@ from pipelines import data as datasets
 from pipelines.config import PipelineSpec
 from pipelines.errors import InvalidInput
 from pipelines.stages import StageJob
-from pipelines.steps import StepBatches, run_steps
+from pipelines.steps import StepBatches, build_model, run_steps
 
 
 def _average_buffers(model: GenerativeModel) -> None:
@@ -122,14 +122,8 @@ def train_loop(cfg: dict[str, Any]) -> None:
     manifest = cfg["data"]
     # Read in place, batch by batch: a worker's memory does not grow with the dataset.
     x = datasets.ShardedImages(manifest, "train")
-    c, h, _ = manifest["shape"]
-    model_cfg = spec.model.build_config(image_size=h, channels=c, num_classes=manifest["num_classes"])
-    torch.manual_seed(spec.seed)  # identical initial weights on every rank
-    model = registry.build(spec.model.family, model_cfg).to(device)
-    ctx = StepContext(optimizers=model.configure_optimizers(), grad_clip=spec.train.grad_clip,
-                      amp_dtype=torch.bfloat16 if spec.train.precision == "bf16" else None,
-                      device_type=device.type)
-    meta = {"family": spec.model.family, "config": registry.config_dict(model_cfg), "seed": spec.seed}
+    model, ctx = build_model(spec, manifest, device)
+    meta = {"family": spec.model.family, "config": registry.config_dict(model.config), "seed": spec.seed}
 
     start = 0
     # Ray Train's latest (a restart after a worker failure) first; else, in a search, the checkpoint
