@@ -6,7 +6,6 @@ needs one real pipeline to a registered version, not two)."""
 from __future__ import annotations
 
 import pytest
-from mlflow.tracking import MlflowClient
 
 from tests.realparts import DIGITS, genpipe
 
@@ -41,5 +40,8 @@ def reviewed(home):
             r = genpipe(home, "pipeline", *spec_args(family))
             assert r.returncode == 0, r.stderr[-3000:]
         out[family] = r
+    # imported here: tests/conftest.py imports this module, and not every test run needs MLflow
+    from mlflow.tracking import MlflowClient
+
     uri = f"sqlite:///{home['path'] / 'mlflow.db'}"
     return {"runs": out, "client": MlflowClient(uri, registry_uri=uri), "tracking_uri": uri}
