@@ -99,16 +99,45 @@ def _sqlite(home) -> MlflowClient:
         return MlflowClient(f"sqlite:///{db}")
 
 
+def _read_until(proc: subprocess.Popen, text: str, timeout: float = 300) -> str:
+    """`proc`'s stderr up to and including the first line holding `text`, read as it comes."""
+    lines: list[str] = []
+
+    def read() -> None:
+        for line in proc.stderr:
+            lines.append(line)
+            if text in line:
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout)
+    assert text in "".join(lines), f"no {text!r} in: {''.join(lines)[-3000:]}"
+    return "".join(lines)
+
+
 def test_killed_driver_rerun_follows_the_running_train_job(home):
-    """SIGKILL leaves no driver to stop the train job: the same command, run again, follows it."""
+    """SIGKILL leaves no driver to stop the train job: the same command, run again, follows it.
+
+    The train workers are frozen (SIGSTOP) from before the kill until the second command has found the
+    job, so that the job is still running then however fast the steps go: a run that had ended in between
+    would be cached or resumed, not followed. Both ranks frozen, no collective waits on a frozen peer."""
     name = "fault-driver-kill"
     proc = _start_train(home, name)
     _wait_for("a committed checkpoint", lambda: committed_checkpoint(home["path"] / "storage" / name / "train"), proc)
-    proc.kill()
-    proc.wait(30)
-    again = _start_train(home, name)
-    err = _finish(again)
-    assert "from an earlier call is still running: following it" in err
+    workers = _train_workers(home)
+    assert len(workers) == 2
+    for pid in workers:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        proc.kill()
+        proc.wait(30)
+        again = _start_train(home, name)
+        head = _read_until(again, "from an earlier call is still running: following it")
+    finally:
+        for pid in workers:
+            os.kill(pid, signal.SIGCONT)
+    err = head + _finish(again)
     assert "[prepare] cached" in err
     assert _final_step(home, name) == STEPS
     _assert_every_step_once(_sqlite(home), name)
