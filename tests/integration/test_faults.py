@@ -119,24 +119,26 @@ def _read_until(proc: subprocess.Popen, text: str, timeout: float = 300) -> str:
 def test_killed_driver_rerun_follows_the_running_train_job(home):
     """SIGKILL leaves no driver to stop the train job: the same command, run again, follows it.
 
-    The train workers are frozen (SIGSTOP) from before the kill until the second command has found the
-    job, so that the job is still running then however fast the steps go: a run that had ended in between
-    would be cached or resumed, not followed. Both ranks frozen, no collective waits on a frozen peer."""
+    Rank 1 is frozen (SIGSTOP) from before the kill until the second command has found the job, which
+    holds rank 0 in its next all-reduce: the job is still running then however fast the steps go (a run
+    that had ended in between would be cached or resumed, not followed). Not rank 0: it writes the
+    metrics to MLflow's sqlite database, and frozen mid-write it would hold the database's lock."""
     name = "fault-driver-kill"
+    db = str(home["path"] / "mlflow.db")
     proc = _start_train(home, name)
     _wait_for("a committed checkpoint", lambda: committed_checkpoint(home["path"] / "storage" / name / "train"), proc)
     workers = _train_workers(home)
     assert len(workers) == 2
-    for pid in workers:
-        os.kill(pid, signal.SIGSTOP)
+    # rank 0 has logged metrics by its first checkpoint, so it has the database open; rank 1 never opens it
+    (rank1,) = [pid for pid in workers if not any(f.path == db for f in psutil.Process(pid).open_files())]
+    os.kill(rank1, signal.SIGSTOP)
     try:
         proc.kill()
         proc.wait(30)
         again = _start_train(home, name)
         head = _read_until(again, "from an earlier call is still running: following it")
     finally:
-        for pid in workers:
-            os.kill(pid, signal.SIGCONT)
+        os.kill(rank1, signal.SIGCONT)
     err = head + _finish(again)
     assert "[prepare] cached" in err
     assert _final_step(home, name) == STEPS
@@ -241,14 +243,16 @@ def test_a_killed_worker_then_a_hung_collective_each_restart_from_the_latest_che
     killed_after = committed_step(train_dir)
     os.kill(first[-1], signal.SIGKILL)
 
+    second: list[int] = []
+
     def replaced() -> bool:  # the snapshot first: listing the actors runs Ray's CLI
         if committed_step(train_dir) <= killed_after:
             return False
-        workers = _train_workers(home)
-        return len(workers) == 2 and not set(workers) & set(first)
+        second[:] = _train_workers(home)
+        return len(second) == 2 and not set(second) & set(first)
 
     _wait_for("the new worker group's first checkpoint", replaced, proc)
-    frozen = _train_workers(home)[-1]
+    frozen = second[-1]  # the group just listed: listing it again would give the steps time to run out
     os.kill(frozen, signal.SIGSTOP)
     try:
         err = _finish(proc)
