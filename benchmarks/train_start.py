@@ -2,17 +2,19 @@
 train stage, search trial and fault restart pays.
 
     .venv/bin/python benchmarks/train_start.py            # 3 runs of 1 worker on a new local head
-    .venv/bin/python benchmarks/train_start.py --runs 5 --workers 2
+    .venv/bin/python benchmarks/train_start.py --runs 4 --workers 2 --trainer stock   # Train's own defaults
 
 Starts a local head as `genpipe` does (a fresh GENPIPE_HOME), then times `TorchTrainer.fit()` of a
 training function that only reports once: from `fit()` to the function's first line on rank 0, and from
-its report to `fit()` returning. The first run pays Ray's own warm-up; the later ones are what a warm
-head costs. Prints one JSON line per run.
+its report to `fit()` returning, and the CPU seconds the whole machine spent over the `fit()` (from
+/proc/stat: run it on an otherwise idle machine). The first run pays Ray's own warm-up; the later ones
+are what a warm head costs. Prints one JSON line per run.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import tempfile
@@ -20,10 +22,19 @@ import time
 from pathlib import Path
 
 
+def busy_cpu_s() -> float:
+    """CPU seconds this machine has spent outside idle and iowait since boot (Linux)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields)
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--trainer", choices=("stage", "trial", "stock"), default="stage",
+                   help="the train stage's TorchTrainer, a search trial's, or Train's own with every default callback")
     a = p.parse_args()
     home = Path(tempfile.mkdtemp(prefix="genpipe-bench-"))
     os.environ["GENPIPE_HOME"] = str(home)
@@ -52,16 +63,18 @@ def main() -> None:
             if ray.train.get_context().get_world_rank() == 0:
                 Path(config["marks"]).write_text(json.dumps([started, time.time()]))
 
+        trainer = (TorchTrainer if a.trainer == "stock"
+                   else functools.partial(ray_internals.torch_trainer, in_search=a.trainer == "trial"))
         for i in range(a.runs):
-            t0 = time.time()
-            TorchTrainer(train_fn, train_loop_config={"marks": str(marks)},
-                         scaling_config=ScalingConfig(num_workers=a.workers),
-                         run_config=RunConfig(name=f"probe-{i}", storage_path=str(home / "runs"))).fit()
-            t1 = time.time()
+            t0, cpu0 = time.time(), busy_cpu_s()
+            trainer(train_loop_per_worker=train_fn, train_loop_config={"marks": str(marks)},
+                    scaling_config=ScalingConfig(num_workers=a.workers),
+                    run_config=RunConfig(name=f"probe-{i}", storage_path=str(home / "runs"))).fit()
+            t1, cpu1 = time.time(), busy_cpu_s()
             started, reported = json.loads(marks.read_text())
-            print(json.dumps({"benchmark": "train_start", "run": i, "workers": a.workers,
+            print(json.dumps({"benchmark": "train_start", "trainer": a.trainer, "run": i, "workers": a.workers,
                               "fit_s": round(t1 - t0, 2), "to_train_fn_s": round(started - t0, 2),
-                              "after_report_s": round(t1 - reported, 2)}), flush=True)
+                              "after_report_s": round(t1 - reported, 2), "cpu_s": round(cpu1 - cpu0, 1)}), flush=True)
     finally:
         cluster.stop_local_head()
 

@@ -255,12 +255,12 @@ def run(spec: PipelineSpec, data_manifest: dict, *, run_id: str, tracking_uri: s
     rank 0 at every report) and `start_from` (a checkpoint to begin at).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     ray_internals.poll_train_workers_often()
     fs, path = storage.ray_storage(storage_path)
-    trainer = TorchTrainer(
-        train_loop,
+    trainer = ray_internals.torch_trainer(
+        in_search=callbacks is not None, train_loop_per_worker=train_loop,
         train_loop_config={"spec": spec.to_dict(), "data": data_manifest, "run_id": run_id,
                            "tracking_uri": tracking_uri, "validate": validate, "start_from": start_from},
         torch_config=TorchConfig(backend="nccl" if spec.train.use_gpu else "gloo",

@@ -155,15 +155,17 @@ def committed_step(train_dir: Path) -> int:
     return step
 
 
-def reserved_placement_groups(home: dict, *, within: float = 0) -> list[dict]:
-    """The placement groups that still reserve resources on the session's head, through Ray's state CLI;
-    waiting up to `within` seconds for there to be none (Train's PlacementGroupCleaner, which frees the
-    placement group of a stopped trial's workers, looks about once a second)."""
+def reserved_placement_groups(home: dict, *, within: float = 0, job_id: str | None = None) -> list[dict]:
+    """The placement groups that still reserve resources on the session's head (those Ray job `job_id`
+    created, when given), through Ray's state CLI; waiting up to `within` seconds for there to be none
+    (Train's PlacementGroupCleaner, which frees the placement group of a stopped trial's workers, looks
+    about once a second)."""
     ray = str(Path(sys.executable).with_name("ray"))
     deadline = time.monotonic() + within
+    only = ["--filter", f"creator_job_id={job_id}"] if job_id else []
     while True:
         r = subprocess.run([ray, "list", "placement-groups", "--address", home["address"], "--filter",
-                            "state!=REMOVED", "--format", "json"], env={**home["env"], "RAY_AUTH_MODE": "token"},
+                            "state!=REMOVED", *only, "--format", "json"], env={**home["env"], "RAY_AUTH_MODE": "token"},
                            capture_output=True, text=True, check=True)
         reserved = [] if r.stdout.startswith("No resource") else json.loads(r.stdout)  # how it says "none"
         if not reserved or time.monotonic() > deadline:

@@ -29,6 +29,7 @@ from tests.realparts import (
     _free_port,
     committed_checkpoint,
     committed_step,
+    reserved_placement_groups,
     start,
 )
 
@@ -166,12 +167,16 @@ def _stage_jobs(home, name: str, stage: str) -> list[dict]:
 
 
 def test_sigterm_ends_every_run_killed_and_stops_the_job(home):
+    """Stopped while its workers train, the train job frees their placement group: Ray frees a finished
+    job's, with no PlacementGroupCleaner (ray_internals.torch_trainer leaves it out of a train stage)."""
     name = "fault-sigterm"
     proc = _start_train(home, name)
     c = _sqlite(home)
     # The train job is submitted while prepare runs; its MLflow run is opened when prepare has finished.
     _wait_for("the train job and run", lambda: _stage_jobs(home, name, "train") and _runs(c, name).get(f"{name}/train"),
               proc)
+    job_id = _stage_jobs(home, name, "train")[0]["job_id"]
+    _wait_for("the train workers' placement group", lambda: reserved_placement_groups(home, job_id=job_id), proc)
     proc.terminate()
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]
@@ -179,6 +184,7 @@ def test_sigterm_ends_every_run_killed_and_stops_the_job(home):
     (job,) = _stage_jobs(home, name, "train")
     assert job["status"] == "STOPPED", job
     assert _runs(c, name) == {name: "KILLED", f"{name}/prepare": "FINISHED", f"{name}/train": "KILLED"}
+    assert reserved_placement_groups(home, within=30, job_id=job_id) == []
 
 
 def _stage_process(name: str, stage: str) -> psutil.Process | None:
