@@ -80,7 +80,6 @@ def free_placement_groups_left_by(job_id: str, *, wait_s: float = 30.0) -> int:
     return len(left)
 
 
-
 def torch_trainer(*, in_search: bool, **kwargs):
     """`TorchTrainer(**kwargs)` without two of Train's default callbacks that cost every run time and CPU
     and do nothing for genpipe's. On a warm 2-core head, a 2-worker `fit()` of a function that only reports

@@ -260,7 +260,8 @@ def run(spec: PipelineSpec, data_manifest: dict, *, run_id: str, tracking_uri: s
     ray_internals.poll_train_workers_often()
     fs, path = storage.ray_storage(storage_path)
     trainer = ray_internals.torch_trainer(
-        in_search=callbacks is not None, train_loop_per_worker=train_loop,
+        in_search=callbacks is not None,  # only a search trial passes callbacks
+        train_loop_per_worker=train_loop,
         train_loop_config={"spec": spec.to_dict(), "data": data_manifest, "run_id": run_id,
                            "tracking_uri": tracking_uri, "validate": validate, "start_from": start_from},
         torch_config=TorchConfig(backend="nccl" if spec.train.use_gpu else "gloo",
