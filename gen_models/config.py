@@ -8,6 +8,11 @@ go through the same validation, with single-field ranges as field constraints
 and cross-field rules as `model_validator(mode="after")` methods. Frozen, since
 the config a model was built from is stored beside its weights: a field set
 later would skip validation and no longer describe the model.
+
+Configs import no torch: they live in each package's `config.py`, apart from
+the networks, so that the CLI and the pipeline's driver validate a spec
+without torch's import (about 2 s of every command). What a config shares with
+its network (`resolution_steps`, `NORM_GROUPS`, `AugmentPolicy`) is defined here.
 """
 
 from typing import Annotated, Literal, TypeVar, dataclass_transform
@@ -19,6 +24,10 @@ from pydantic.dataclasses import dataclass
 Decay = Annotated[float, Field(ge=0, lt=1)]
 UnitInterval = Annotated[float, Field(ge=0, le=1)]
 AdamBetas = tuple[Decay, Decay]
+# The DiffAugment transforms of gen_models.nn.diffaugment, by name.
+AugmentPolicy = Literal["color", "translation", "cutout"]
+# GroupNorm groups everywhere in gen_models.nn.unet: widths must be multiples of this (checked by the configs).
+NORM_GROUPS = 8
 
 C = TypeVar("C", bound=type)
 
@@ -46,3 +55,19 @@ class ModelConfig:
     def tiny(cls, **overrides):
         """The smallest config that still exercises every code path, for tests."""
         return cls(**overrides)
+
+
+def resolution_steps(image_size: int) -> int:
+    """Stride-2 steps from image_size down to the map a generator starts from
+    and a discriminator ends at: at least 2, then one more while the map stays
+    even and the next one is at least 4x4, the DCGAN paper's start.
+
+        8 -> 2x2, 28 -> 7x7 (2 steps; the nets these sizes were tuned with)
+        32 -> 4x4 (3 steps), 64 -> 4x4 (4), 128 -> 4x4 (5), 48 -> 6x6 (3)
+
+    Any multiple of 4 takes the first two steps exactly (ModelConfig asks for one).
+    """
+    steps, side = 2, image_size // 4
+    while side % 2 == 0 and side // 2 >= 4:
+        steps, side = steps + 1, side // 2
+    return steps

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from ray import tune
 
 from gen_models import registry
@@ -51,7 +50,7 @@ MODES = {"fid": "min", "bits_per_dim": "min"}
 
 def objective(spec: PipelineSpec) -> tuple[str, str]:
     """(Tune metric name, mode): the tune.metric, else the family's primary metric."""
-    model_cls = registry.FAMILIES[spec.model.family][0]
+    model_cls = registry.model_class(spec.model.family)
     name = spec.tune.metric or model_cls.primary_metric[0]
     if name == "bits_per_dim" and model_cls.log_prob is GenerativeModel.log_prob:
         raise InvalidInput(f"tune.metric bits_per_dim: family {spec.model.family} has no likelihood")

@@ -26,33 +26,11 @@ import math
 
 import torch
 import torch.nn.functional as F
-from pydantic import NonNegativeInt, PositiveFloat, model_validator
 from torch import Tensor, nn
 
+from gen_models.autoregressive.config import PixelCNNConfig
 from gen_models.base import Batch, GenerativeModel, Metrics
-from gen_models.config import ModelConfig, config_dataclass
 from gen_models.nn.masked_conv import MaskedConv2d
-
-
-@config_dataclass
-class PixelCNNConfig(ModelConfig):
-    hidden: int = 64
-    """Channels of every hidden layer; at least `channels`, so every colour owns some."""
-    num_layers: NonNegativeInt = 8
-    """Residual blocks of mask-B convolutions after the 7x7 mask-A layer; each
-    widens the receptive field by one pixel in every visible direction."""
-    lr: PositiveFloat = 1e-3
-    """Adam learning rate."""
-
-    @model_validator(mode="after")
-    def _every_colour_owns_a_channel(self) -> PixelCNNConfig:
-        if self.hidden < self.channels:
-            raise ValueError(f"hidden must be >= channels ({self.channels}), got {self.hidden}")
-        return self
-
-    @classmethod
-    def tiny(cls, **overrides) -> PixelCNNConfig:
-        return cls(**{"hidden": 6, "num_layers": 1, **overrides})
 
 
 class MaskedResidualBlock(nn.Module):

@@ -1,6 +1,6 @@
-"""What the adversarial families share: the config fields of a latent
-generator and its Adam optimizers, the model plumbing around a generator and
-a discriminator, the GAN update of dcgan, gan, cgan and stylegan
+"""What the adversarial families share: the model plumbing around a generator
+and a discriminator (their shared config fields are `AdversarialConfig`, in
+gen_models/gan/config.py), the GAN update of dcgan, gan, cgan and stylegan
 (`adversarial_step`) and drawing images from a tanh generator (every GAN family).
 
 The training recipe is config, shared by every family (benchmarks/recipes.py
@@ -21,56 +21,15 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import PositiveFloat, PositiveInt
 from torch import Tensor, nn
 
 from gen_models.base import GenerativeModel, Metrics, StepContext, noise, to_unit
-from gen_models.config import AdamBetas, Decay, ModelConfig, config_dataclass
-from gen_models.nn.diffaugment import Policy, diff_augment
+from gen_models.gan.config import AdversarialConfig, Loss
+from gen_models.nn.diffaugment import diff_augment
 from gen_models.nn.ema import copy_buffers_, ema_copy, ema_decay_at, update_ema_
-
-Loss = Literal["nonsaturating", "hinge"]
-
-
-@config_dataclass
-class AdversarialConfig(ModelConfig):
-    z_dim: PositiveInt = 64
-    """Size of the latent vector z ~ N(0, I)."""
-    lr: PositiveFloat = 2e-4
-    """Adam learning rate of both networks (DCGAN paper)."""
-    betas: AdamBetas = (0.5, 0.999)
-    """Adam betas of both networks; beta1 = 0.5 instead of 0.9 damps oscillation (DCGAN paper).
-    SNGAN, BigGAN and StyleGAN take beta1 = 0: momentum lags behind an opponent that keeps moving."""
-    d_lr: PositiveFloat | None = None
-    """Adam learning rate of the discriminator (critic); None: lr. A D faster than G (TTUR,
-    Heusel et al. 2017: e.g. 4e-4 against 1e-4) tracks G closely, as the convergence proof wants."""
-    loss: Loss = "nonsaturating"
-    """The adversarial loss of the dcgan, gan, cgan and stylegan update: "nonsaturating"
-    (D: -log D(x) - log(1 - D(G(z))), G: -log D(G(z))) or "hinge" (D: relu(1 - l(x)) +
-    relu(1 + l(G(z))), G: -l(G(z)); SNGAN, BigGAN), which stops pushing D on examples it
-    already scores beyond the margin. The Wasserstein families have their own."""
-    spectral_norm: bool = False
-    """Divide each conv and linear weight of D by its largest singular value (one power
-    iteration per forward, Miyato et al. 2018): D is then 1-Lipschitz per layer, which keeps
-    its gradients to G informative. D's BatchNorm layers are dropped with it, as in SNGAN:
-    their rescaling would undo the bound."""
-    augment: tuple[Policy, ...] = ()
-    """DiffAugment transforms ("color", "translation", "cutout"; Zhao et al. 2020) applied to
-    real and fake images alike before D, in both updates: D cannot memorise the data as fast.
-    Empty: none. Not with the Wasserstein families."""
-    ema_decay: Decay | None = None
-    """Sample and evaluate with an EMA of G's weights at this decay (after a warm-up, see
-    gen_models.nn.ema), with the live G's BatchNorm statistics. None: the live G.
-    StyleGAN and BigGAN evaluate the EMA: the last iterate of a GAN oscillates around the
-    solution, its average sits closer to it."""
-
-    @classmethod
-    def tiny(cls, **overrides) -> AdversarialConfig:
-        return super().tiny(**{"z_dim": 8, **overrides})
 
 
 class AdversarialModel(GenerativeModel):

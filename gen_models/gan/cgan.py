@@ -21,25 +21,12 @@ labels at their frequency in the data. The update is the shared
 from __future__ import annotations
 
 import torch
-from pydantic import PositiveInt
 from torch import Tensor, nn
 
 from gen_models.base import Batch, Metrics, StepContext, from_unit, noise
-from gen_models.config import config_dataclass
 from gen_models.gan.adversarial import AdversarialModel, sample_generator
-from gen_models.gan.gan import GANConfig
+from gen_models.gan.config import CGANConfig
 from gen_models.nn.mlp import mlp_features, mlp_generator
-
-
-@config_dataclass
-class CGANConfig(GANConfig):
-    embed_dim: PositiveInt = 16
-    """Size of G's label embedding, concatenated to z. (D's embedding is `hidden`
-    wide: it is dotted with D's features.)"""
-
-    @classmethod
-    def tiny(cls, **overrides) -> CGANConfig:
-        return super().tiny(**{"embed_dim": 4, **overrides})
 
 
 class ConditionalGenerator(nn.Module):

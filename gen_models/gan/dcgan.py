@@ -19,27 +19,13 @@ from __future__ import annotations
 
 from itertools import pairwise
 
-from pydantic import PositiveInt
 from torch import nn
 
 from gen_models.base import Batch, Metrics, StepContext, from_unit, noise
-from gen_models.config import config_dataclass
-from gen_models.gan.adversarial import AdversarialConfig, AdversarialModel
-from gen_models.nn.layers import dcgan_init_, downsample, resolution_steps, upsample
-
-
-@config_dataclass
-class DCGANConfig(AdversarialConfig):
-    z_dim: PositiveInt = 100
-    """Size of the latent vector z ~ N(0, I) (DCGAN paper)."""
-    g_channels: PositiveInt = 64
-    """Channels of G's last hidden layer; each layer before it has twice as many as the next."""
-    d_channels: PositiveInt = 64
-    """Channels of D's first layer; each layer after it has twice as many as the one before."""
-
-    @classmethod
-    def tiny(cls, **overrides) -> DCGANConfig:
-        return super().tiny(**{"g_channels": 8, "d_channels": 8, **overrides})
+from gen_models.config import resolution_steps
+from gen_models.gan.adversarial import AdversarialModel
+from gen_models.gan.config import DCGANConfig
+from gen_models.nn.layers import dcgan_init_, downsample, upsample
 
 
 def dcgan_discriminator(channels: int, d: int, image_size: int) -> nn.Sequential:

@@ -13,25 +13,12 @@ The update is the shared `adversarial_step` of gen_models.gan.adversarial.
 
 from __future__ import annotations
 
-from pydantic import PositiveInt
 from torch import nn
 
 from gen_models.base import Batch, Metrics, StepContext, from_unit, noise
-from gen_models.config import config_dataclass
-from gen_models.gan.adversarial import AdversarialConfig, AdversarialModel
+from gen_models.gan.adversarial import AdversarialModel
+from gen_models.gan.config import GANConfig
 from gen_models.nn.mlp import mlp_features, mlp_generator
-
-
-@config_dataclass
-class GANConfig(AdversarialConfig):
-    hidden: PositiveInt = 256
-    """Width of every hidden layer of G and D."""
-    depth: PositiveInt = 2
-    """Hidden layers in G and in D."""
-
-    @classmethod
-    def tiny(cls, **overrides) -> GANConfig:
-        return super().tiny(**{"hidden": 16, "depth": 1, **overrides})
 
 
 class GAN(AdversarialModel):

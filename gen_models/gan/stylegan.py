@@ -22,43 +22,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import PositiveFloat, PositiveInt
 from torch import Tensor, nn
 
 from gen_models.base import Batch, Metrics, StepContext, from_unit, noise, to_unit
-from gen_models.config import AdamBetas, Decay, UnitInterval, config_dataclass
-from gen_models.gan.adversarial import AdversarialConfig, AdversarialModel
+from gen_models.config import resolution_steps
+from gen_models.gan.adversarial import AdversarialModel
+from gen_models.gan.config import StyleGANConfig
 from gen_models.gan.dcgan import dcgan_discriminator
-from gen_models.nn.layers import dcgan_init_, resolution_steps
+from gen_models.nn.layers import dcgan_init_
 from gen_models.nn.style import AdaIN, MappingNetwork, NoiseInput
-
-
-@config_dataclass
-class StyleGANConfig(AdversarialConfig):
-    z_dim: PositiveInt = 128
-    """Size of z ~ N(0, I) and of w (the paper: 512 for both)."""
-    mapping_depth: PositiveInt = 8
-    """Linear layers of the mapping network (paper: 8)."""
-    mapping_lr_mult: PositiveFloat = 0.01
-    """The mapping network learns at lr times this (paper: 0.01)."""
-    g_channels: PositiveInt = 64
-    """Channels of every synthesis layer."""
-    d_channels: PositiveInt = 64
-    """Channels of D's first layer; each layer after it has twice as many as the one before."""
-    lr: PositiveFloat = 1e-3
-    """Adam learning rate of both networks (paper: 0.001); on the digits it learns far faster than DCGAN's 2e-4."""
-    betas: AdamBetas = (0.0, 0.99)
-    """Adam betas of both networks (paper: 0, 0.99)."""
-    mixing_prob: UnitInterval = 0.9
-    """Probability that a training image mixes two styles at a random crossover layer (paper: 0.9)."""
-    truncation: UnitInterval = 0.7
-    """psi of `sample`: w -> mean w + psi (w - mean w); 1 is no truncation, 0 the mean image only."""
-    w_avg_beta: Decay = 0.995
-    """EMA decay of the tracked mean w that truncation pulls towards, per training step."""
-
-    @classmethod
-    def tiny(cls, **overrides) -> StyleGANConfig:
-        return super().tiny(**{"mapping_depth": 2, "g_channels": 8, "d_channels": 8, **overrides})
 
 
 class StyleGenerator(nn.Module):

@@ -24,55 +24,13 @@ a checkpoint and every DDP rank agrees on it.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import PositiveFloat, PositiveInt, model_validator
 from torch import Tensor, nn
 
 from gen_models.base import Batch, Metrics, StepContext, from_unit, noise
-from gen_models.config import AdamBetas, config_dataclass
 from gen_models.gan.adversarial import AdversarialModel
-from gen_models.gan.gan import GANConfig
+from gen_models.gan.config import WGANConfig
 from gen_models.nn.mlp import mlp_features, mlp_generator
-
-
-@config_dataclass
-class WGANConfig(GANConfig):
-    variant: Literal["clip", "gp"] = "clip"
-    """How the critic is kept (close to) 1-Lipschitz: "clip" weight clipping, "gp" gradient penalty."""
-    n_critic: PositiveInt = 5
-    """Critic updates per generator update (both papers: 5)."""
-    clip_value: PositiveFloat = 0.01
-    """Critic weights are clamped to [-clip_value, clip_value] (variant "clip" only)."""
-    gp_weight: PositiveFloat = 10.0
-    """lambda, the weight of the gradient penalty (variant "gp" only)."""
-    lr: PositiveFloat = 5e-5
-    """Learning rate of both networks: RMSprop for "clip", Adam for "gp"."""
-    betas: AdamBetas = (0.0, 0.9)
-    """Adam betas (variant "gp" only; "clip" uses RMSprop, which has none)."""
-
-    @model_validator(mode="after")
-    def _recipe_applies(self) -> WGANConfig:
-        # The critic's loss is the Wasserstein one; DiffAugment is untested under the penalty here.
-        if self.loss != "nonsaturating":
-            raise ValueError(f"loss {self.loss!r} does not apply to a Wasserstein critic, whose loss is its own")
-        if self.augment:
-            raise ValueError("augment is not implemented for the Wasserstein families")
-        return self
-
-    @classmethod
-    def tiny(cls, **overrides) -> WGANConfig:
-        # n_critic 1: a single step then moves both networks, as the contract suite expects.
-        return super().tiny(**{"n_critic": 1, **overrides})
-
-
-@config_dataclass
-class WGANGPConfig(WGANConfig):
-    variant: Literal["clip", "gp"] = "gp"
-    """Gradient penalty by default."""
-    lr: PositiveFloat = 1e-4
-    """Adam learning rate of both networks (WGAN-GP paper)."""
 
 
 def gradient_penalty(critic: nn.Module, real: Tensor, fake: Tensor) -> Tensor:

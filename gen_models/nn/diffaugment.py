@@ -14,13 +14,11 @@ parameters per image from the global RNG, which the trainer reseeds every step. 
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-Policy = Literal["color", "translation", "cutout"]
+from gen_models.config import AugmentPolicy
 
 
 def _u(x: Tensor) -> Tensor:
@@ -63,7 +61,7 @@ def cutout(x: Tensor, ratio: float = 0.5) -> Tensor:
 TRANSFORMS = {"color": color, "translation": translation, "cutout": cutout}
 
 
-def diff_augment(x: Tensor, policy: tuple[Policy, ...]) -> Tensor:
+def diff_augment(x: Tensor, policy: tuple[AugmentPolicy, ...]) -> Tensor:
     """x with each transform of `policy` applied in turn (none: x itself)."""
     for name in policy:
         x = TRANSFORMS[name](x)

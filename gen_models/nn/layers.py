@@ -1,29 +1,13 @@
 """Convolutional building blocks shared by the image families.
 
 The convolutional families go from image_size down to a small map in
-`resolution_steps` stride-2 steps (the UNet's levels follow the same rule),
+`resolution_steps` (gen_models.config) stride-2 steps (the UNet's levels follow the same rule),
 so one pair of resampling convolutions serves the GAN nets, the convolutional
 VAE, the EBM and the UNet, and the size at the bottom is plain arithmetic:
 image_size // 2**steps.
 """
 
 from torch import nn
-
-
-def resolution_steps(image_size: int) -> int:
-    """Stride-2 steps from image_size down to the map a generator starts from
-    and a discriminator ends at: at least 2, then one more while the map stays
-    even and the next one is at least 4x4, the DCGAN paper's start.
-
-        8 -> 2x2, 28 -> 7x7 (2 steps; the nets these sizes were tuned with)
-        32 -> 4x4 (3 steps), 64 -> 4x4 (4), 128 -> 4x4 (5), 48 -> 6x6 (3)
-
-    Any multiple of 4 takes the first two steps exactly (ModelConfig asks for one).
-    """
-    steps, side = 2, image_size // 4
-    while side % 2 == 0 and side // 2 >= 4:
-        steps, side = steps + 1, side // 2
-    return steps
 
 
 def downsample(c_in: int, c_out: int, *, bias: bool = True) -> nn.Conv2d:

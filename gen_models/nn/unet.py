@@ -18,11 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gen_models.config import NORM_GROUPS
 from gen_models.nn.layers import downsample, upsample
 from gen_models.nn.time_embedding import TimeEmbedding
-
-# GroupNorm groups everywhere: widths must be multiples of this (checked by the configs).
-NORM_GROUPS = 8
 
 
 def _norm(c: int) -> nn.GroupNorm:

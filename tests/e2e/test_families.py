@@ -100,7 +100,7 @@ def test_family_trains_evaluates_registers(family, request):
     assert version.run_id == out["runs"]["register"]
     tags = version.tags
     assert tags["family"] == family
-    primary = registry.FAMILIES[family][0].primary_metric[0]
+    primary = registry.model_class(family).primary_metric[0]
     assert tags["primary_metric"] == primary
     assert math.isfinite(float(tags[f"metric.{primary}"])) and math.isfinite(float(tags["metric.fid"]))
     assert math.isfinite(c.get_run(out["runs"]["evaluate"]).data.metrics[f"eval/{primary}"])

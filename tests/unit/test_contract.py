@@ -13,22 +13,23 @@ from torch import nn
 
 from gen_models.base import GenerativeModel, StepContext
 from gen_models.gan.adversarial import AdversarialModel
-from gen_models.gan.wgan import WGANConfig
-from gen_models.registry import FAMILIES, build, config_dict
-from gen_models.vae.vae import VAE, BetaVAEConfig, VAEConfig
+from gen_models.gan.config import WGANConfig
+from gen_models.registry import FAMILIES, build, config_class, config_dict, model_class
+from gen_models.vae.config import BetaVAEConfig, VAEConfig
+from gen_models.vae.vae import VAE
 
 # (image_size, channels): the digits, Fashion-MNIST, and 32x32 RGB, the smallest size at which the
 # conv families take a third resolution step (down to 4x4)
 SHAPES = [(8, 1), (8, 3), (28, 1), (28, 3), (32, 3)]
-LIKELIHOOD_FAMILIES = [f for f, (cls, _) in FAMILIES.items() if cls.log_prob is not GenerativeModel.log_prob]
-ADVERSARIAL_FAMILIES = [f for f, (cls, _) in FAMILIES.items() if issubclass(cls, AdversarialModel)]
+LIKELIHOOD_FAMILIES = [f for f in FAMILIES if model_class(f).log_prob is not GenerativeModel.log_prob]
+ADVERSARIAL_FAMILIES = [f for f in FAMILIES if issubclass(model_class(f), AdversarialModel)]
 
 
 def recipe(family: str) -> dict:
     """The training-recipe options of gen_models.gan.adversarial that `family` takes, switched on; all
     but the hinge loss, which leaves D's output bias still on a first step (test_gan_recipe.py)."""
     on = {"ema_decay": 0.9, "spectral_norm": True, "d_lr": 3e-4, "betas": (0.0, 0.99)}
-    if issubclass(FAMILIES[family][1], WGANConfig):  # a critic has no augmentation here
+    if issubclass(config_class(family), WGANConfig):  # a critic has no augmentation here
         return on
     return {**on, "augment": ("color", "translation", "cutout")}
 
@@ -39,7 +40,7 @@ CASES = ([pytest.param(f, {}, id=f) for f in FAMILIES]
 
 
 def make(family: str, image_size: int = 8, channels: int = 1, **overrides) -> GenerativeModel:
-    cls, cfg_cls = FAMILIES[family]
+    cls, cfg_cls = model_class(family), config_class(family)
     return cls(cfg_cls.tiny(image_size=image_size, channels=channels, **overrides))
 
 
@@ -70,7 +71,7 @@ class FakeDDP(nn.Module):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_default_config_builds_and_survives_json(family):
     model = build(family)
-    cfg_cls = FAMILIES[family][1]
+    cfg_cls = config_class(family)
     assert isinstance(model.config, cfg_cls)
     # The pipeline stores configs as JSON next to the weights.
     assert cfg_cls(**json.loads(json.dumps(config_dict(model.config)))) == model.config
@@ -80,7 +81,7 @@ def test_default_config_builds_and_survives_json(family):
 @pytest.mark.parametrize("bad", [{"image_size": 30}, {"image_size": 4}, {"channels": 2}, {"num_classes": 0}])
 def test_every_config_rejects_bad_data_shape(family, bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
-        FAMILIES[family][1].tiny(**bad)
+        config_class(family).tiny(**bad)
 
 
 @pytest.mark.parametrize("family, bad", [
@@ -91,7 +92,7 @@ def test_every_config_rejects_bad_data_shape(family, bad):
 ])
 def test_config_rejects_bad_values(family, bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
-        FAMILIES[family][1].tiny(**bad)
+        config_class(family).tiny(**bad)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -103,7 +104,7 @@ def test_build_from_a_dict_validates_it(family, bad):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_config_is_frozen(family):
-    config = FAMILIES[family][1].tiny()
+    config = config_class(family).tiny()
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.image_size = 32
     assert dataclasses.replace(config, image_size=32).image_size == 32

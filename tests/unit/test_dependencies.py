@@ -4,6 +4,7 @@ are the installed versions of what the served code imports, within pyproject's p
 from __future__ import annotations
 
 import ast
+import subprocess
 import sys
 import tomllib
 from functools import cache
@@ -80,3 +81,13 @@ def test_ray_internals_are_checked_against_the_ray_pyproject_pins():
     from pipelines import ray_internals
 
     assert str(declared()["ray"].specifier) == f"=={ray_internals.RAY_VERSION}"
+
+
+def test_the_driver_checks_a_spec_without_importing_torch():
+    # Every `genpipe` command and pipeline driver would pay torch's import (about 2 s) before its first
+    # line of work: the model configs (gen_models/*/config.py) and the registry import no torch.
+    code = ("import sys; from pipelines import cli, config, pipeline; "
+            "config.load('jobs/demo.yaml', ['model.z_dim=7']).model.build_config(image_size=32, channels=3, num_classes=10); "
+            "print(sorted(m for m in ('torch', 'torchvision', 'mlflow', 'ray.train') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

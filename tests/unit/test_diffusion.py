@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from gen_models.base import StepContext, from_unit
-from gen_models.diffusion.ddpm import DDPM, DDPMConfig
+from gen_models.diffusion.config import DDPMConfig
+from gen_models.diffusion.ddpm import DDPM
 from gen_models.diffusion.samplers import ddim_sample, ddim_sigma, ddim_timesteps, ddpm_sample
 from gen_models.diffusion.schedules import NoiseSchedule, cosine_betas, linear_betas
 from gen_models.nn.unet import UNet

@@ -11,9 +11,11 @@ import torch
 from torch import nn
 
 from gen_models.base import StepContext
-from gen_models.ebm.ebm import EBM, EBMConfig
+from gen_models.ebm.config import EBMConfig
+from gen_models.ebm.ebm import EBM
 from gen_models.ebm.langevin import langevin
-from gen_models.gan.stylegan import StyleGAN, StyleGANConfig
+from gen_models.gan.config import StyleGANConfig
+from gen_models.gan.stylegan import StyleGAN
 from gen_models.nn.style import AdaIN
 
 

@@ -14,8 +14,10 @@ import pytest
 import torch
 from torch.autograd.functional import jacobian
 
-from gen_models.autoregressive.pixelcnn import PixelCNN, PixelCNNConfig
-from gen_models.flow.realnvp import RealNVP, RealNVPConfig
+from gen_models.autoregressive.config import PixelCNNConfig
+from gen_models.autoregressive.pixelcnn import PixelCNN
+from gen_models.flow.config import RealNVPConfig
+from gen_models.flow.realnvp import RealNVP
 from gen_models.nn.coupling import AffineCoupling
 from gen_models.nn.masked_conv import MaskedConv2d
 from pipelines.evaluate import bits_per_dim

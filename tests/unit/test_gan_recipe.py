@@ -13,11 +13,11 @@ from gen_models.base import StepContext
 from gen_models.gan.adversarial import d_loss, g_loss
 from gen_models.nn.diffaugment import cutout, diff_augment, translation
 from gen_models.nn.ema import ema_decay_at
-from gen_models.registry import FAMILIES, build
+from gen_models.registry import build, config_class, model_class
 
 
 def tiny(family: str, **overrides):
-    cls, cfg = FAMILIES[family]
+    cls, cfg = model_class(family), config_class(family)
     return cls(cfg.tiny(image_size=8, channels=1, **overrides))
 
 
@@ -109,7 +109,7 @@ def test_ema_of_g_is_the_formula_copies_the_batchnorm_statistics_and_is_sampled(
 
 def test_the_default_recipe_is_the_plain_dcgan_update():
     """Defaults: the non-saturating loss on unaugmented images, both nets at lr, no EMA, no spectral norm."""
-    c = FAMILIES["dcgan"][1]()
+    c = config_class("dcgan")()
     assert (c.loss, c.spectral_norm, c.d_lr, c.augment, c.ema_decay) == ("nonsaturating", False, None, (), None)
 
 
@@ -134,7 +134,7 @@ def test_diffaugment_transforms():
 @pytest.mark.parametrize("bad", [{"loss": "hinge"}, {"augment": ("cutout",)}])
 def test_wasserstein_families_refuse_what_does_not_apply(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
-        FAMILIES["wgan_gp"][1].tiny(**bad)
+        config_class("wgan_gp").tiny(**bad)
 
 
 def test_config_rejects_bad_recipe_values():

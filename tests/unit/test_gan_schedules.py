@@ -17,9 +17,9 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from gen_models.base import StepContext
-from gen_models.gan.cgan import CGAN, CGANConfig
-from gen_models.gan.gan import GANConfig
-from gen_models.gan.wgan import WGAN, WGANConfig, WGANGPConfig, gradient_penalty
+from gen_models.gan.cgan import CGAN
+from gen_models.gan.config import CGANConfig, GANConfig, WGANConfig, WGANGPConfig
+from gen_models.gan.wgan import WGAN, gradient_penalty
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny nets: threads only contend
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from gen_models import registry
-from gen_models.vae.vae import VAE, VAEConfig, _continuous_bernoulli_nll
+from gen_models.vae.config import VAEConfig
+from gen_models.vae.vae import VAE, _continuous_bernoulli_nll
 from pipelines import config
 from pipelines.errors import InvalidInput
 from pipelines.evaluate import bits_per_dim

@@ -20,13 +20,13 @@ from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PythonModelContext
 from safetensors.torch import save_file
 
-from gen_models.registry import FAMILIES, config_dict
+from gen_models.registry import FAMILIES, config_class, config_dict, model_class
 from pipelines import sampling, serving
 from pipelines.serving import MAX_N, GenerativePyfunc
 
 
 def tiny(family: str, **overrides):
-    cls, cfg_cls = FAMILIES[family]
+    cls, cfg_cls = model_class(family), config_class(family)
     return cls(cfg_cls.tiny(image_size=8, channels=1, **overrides)).eval()
 
 
