@@ -135,6 +135,40 @@ DIGITS = ["--set", "data.source=digits", "--set", "extractor.epochs=30", "--set"
           "--set", "evaluate.grid_size=16"]
 
 
+def sqlite_client(home: dict):
+    """An MLflow client of a GENPIPE_HOME's sqlite database (tracking and registry)."""
+    from mlflow.tracking import MlflowClient  # imported here: not every test run needs MLflow
+
+    uri = f"sqlite:///{home['path'] / 'mlflow.db'}"
+    return MlflowClient(uri, registry_uri=uri)
+
+
+def assert_registered(r: subprocess.CompletedProcess, home: dict, *, family: str, name: str, number: int,
+                      steps: int) -> None:
+    """A `genpipe pipeline` of FAMILY ended with version NUMBER of NAME: every stage run FINISHED, the
+    steps all done, the family's primary metric and FID finite on the version and the evaluate run."""
+    import math
+
+    from gen_models import registry
+
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = last_json(r.stdout)
+    assert out["model"] == name and out["version"] == number
+    assert f"step {steps}/{steps}" in r.stderr
+    c = sqlite_client(home)
+    for stage in ("train", "evaluate", "register"):
+        assert c.get_run(out["runs"][stage]).info.status == "FINISHED", stage
+    assert c.get_run(out["runs"]["train"]).data.metrics["train/img_per_s"] > 0
+    version = c.get_model_version(name, str(number))
+    assert version.run_id == out["runs"]["register"]
+    tags = version.tags
+    assert tags["family"] == family
+    primary = registry.model_class(family).primary_metric[0]
+    assert tags["primary_metric"] == primary
+    assert math.isfinite(float(tags[f"metric.{primary}"])) and math.isfinite(float(tags["metric.fid"]))
+    assert math.isfinite(c.get_run(out["runs"]["evaluate"]).data.metrics[f"eval/{primary}"])
+
+
 def committed_checkpoint(train_dir: Path) -> bool:
     """Whether Ray Train has committed a checkpoint under a train stage's directory: it counts one only
     once its controller has written it into the manager snapshot; the files land earlier, and a run

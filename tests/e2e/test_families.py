@@ -3,28 +3,31 @@ real Ray head, MLflow on sqlite, the digits. Each family's job spec trains (its
 contract-suite `tiny()` config, one worker, a few steps), is evaluated and
 registered for real; the learning tests are where they must learn. The three
 families the registry review trains (tests/e2e/reviewed.py: cgan, pixelcnn,
-ddpm) are checked on those pipelines instead of running a second one each.
+ddpm) are checked on those pipelines instead of running a second one each
+(tests/e2e/test_registry.py), with the same `assert_registered`.
 
 They run three at a time on a GENPIPE_HOME of their own, with no head and no
 database yet, so the first three start at the same moment, as three users'
 commands would: one of them starts the local head and creates the MLflow
 database, under a lock, and the others wait for it and share them. At the end
-`genpipe head status` and `genpipe head stop` see and stop that head."""
+`genpipe head status` and `genpipe head stop` see and stop that head.
+
+Nothing here touches the session's head, database or storage: under xdist this
+module runs beside the other real-parts tests, on the unit tests' worker
+(tests/conftest.py)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from mlflow.tracking import MlflowClient
 
 from gen_models import registry
 from pipelines import config
 from tests.e2e.reviewed import PIPELINES as REVIEWED
-from tests.realparts import DIGITS, genpipe, home_env, last_json
+from tests.realparts import DIGITS, assert_registered, genpipe, home_env, last_json, sqlite_client
 
 pytestmark = pytest.mark.integration
 
@@ -70,40 +73,13 @@ def pipelines(fresh_home) -> dict:
 OWN = [f for f in registry.FAMILIES if f not in REVIEWED]  # the families with a pipeline of their own here
 
 
-def _client(home) -> MlflowClient:
-    uri = f"sqlite:///{home['path'] / 'mlflow.db'}"
-    return MlflowClient(uri, registry_uri=uri)
-
-
-@pytest.mark.parametrize("family", list(registry.FAMILIES))
-def test_family_trains_evaluates_registers(family, request):
-    if family in REVIEWED:  # trained for the registry review: reg-digits v1 (cgan), v2 (ddpm), reg-pixelcnn v1
-        reviewed, home = request.getfixturevalue("reviewed"), request.getfixturevalue("home")
-        r, steps = reviewed["runs"][family], 60
-        args = dict(a.split("=", 1) for a in REVIEWED[family][1::2])
-        name, number = args["registry.model_name"], 2 if family == "ddpm" else 1
-    else:
-        r, home, steps = request.getfixturevalue("pipelines")[family], request.getfixturevalue("fresh_home"), STEPS
-        name, number = config.load(f"jobs/{family}.yaml").model_name, 1
+@pytest.mark.parametrize("family", OWN)
+def test_family_trains_evaluates_registers(family, pipelines, fresh_home):
+    r = pipelines[family]
     if isinstance(r, Exception):
         raise r
-    assert r.returncode == 0, r.stderr[-3000:]
-    out = last_json(r.stdout)
-    assert out["model"] == name and out["version"] == number
-    assert f"step {steps}/{steps}" in r.stderr
-
-    c = _client(home)
-    for stage in ("train", "evaluate", "register"):
-        assert c.get_run(out["runs"][stage]).info.status == "FINISHED", stage
-    assert c.get_run(out["runs"]["train"]).data.metrics["train/img_per_s"] > 0
-    version = c.get_model_version(name, str(number))
-    assert version.run_id == out["runs"]["register"]
-    tags = version.tags
-    assert tags["family"] == family
-    primary = registry.model_class(family).primary_metric[0]
-    assert tags["primary_metric"] == primary
-    assert math.isfinite(float(tags[f"metric.{primary}"])) and math.isfinite(float(tags["metric.fid"]))
-    assert math.isfinite(c.get_run(out["runs"]["evaluate"]).data.metrics[f"eval/{primary}"])
+    assert_registered(r, fresh_home, family=family, name=config.load(f"jobs/{family}.yaml").model_name, number=1,
+                      steps=STEPS)
 
 
 def test_pipelines_started_at_once_share_one_head_and_database(fresh_home, pipelines):
@@ -117,7 +93,7 @@ def test_pipelines_started_at_once_share_one_head_and_database(fresh_home, pipel
     heads = {line for r in pipelines.values() if not isinstance(r, Exception)
              for line in r.stderr.splitlines() if "stays up for the next command" in line}
     assert len(heads) == 1, heads
-    c = _client(fresh_home)
+    c = sqlite_client(fresh_home)
     runs = c.search_runs([e.experiment_id for e in c.search_experiments()], max_results=1000)
     assert len(runs) == 5 * len(OWN)  # a pipeline run and four stage runs each
     assert {r.info.status for r in runs} == {"FINISHED"}

@@ -3,7 +3,8 @@ DDPM) on digits through the CLI, then gates, aliases, `genpipe models`,
 `genpipe sample` and a real `mlflow models serve` answering HTTP on 127.0.0.1.
 
 The pipelines run once, in the session fixture `reviewed` (tests/e2e/reviewed.py);
-every test reads their result.
+every test reads their result. They are also those three families' pipeline to a
+registered version (the others': tests/e2e/test_families.py).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pipelines import config, data, metrics, storage
 from pipelines.evaluate import bits_per_dim, draw
 from pipelines.sampling import chunks
 from pipelines.serving import MAX_N
-from tests.e2e.reviewed import spec_args
+from tests.e2e.reviewed import PIPELINES, spec_args
 from tests.realparts import (
     DIGITS,
     REPO,
@@ -36,6 +37,7 @@ from tests.realparts import (
     _http_status,
     _stop_group,
     _wait,
+    assert_registered,
     genpipe,
     last_json,
     start,
@@ -60,6 +62,15 @@ def untrained(family: str, home) -> tuple[config.PipelineSpec, dict, torch.nn.Mo
 def version(reviewed, name: str, ref: str):
     c = reviewed["client"]
     return c.get_model_version_by_alias(name, ref) if not ref.isdigit() else c.get_model_version(name, ref)
+
+
+@pytest.mark.parametrize("family", list(PIPELINES))
+def test_family_trains_evaluates_registers(family, reviewed, home):
+    """tests/e2e/test_families.py's check, on this family's review pipeline (cgan: reg-digits v1, ddpm:
+    reg-digits v2, pixelcnn: reg-pixelcnn v1)."""
+    name = dict(a.split("=", 1) for a in PIPELINES[family][1::2])["registry.model_name"]
+    assert_registered(reviewed["runs"][family], home, family=family, name=name, number=2 if family == "ddpm" else 1,
+                      steps=60)
 
 
 def test_each_family_reports_its_metrics(reviewed, home):
