@@ -40,14 +40,19 @@ class Stage:
     a job submitted ahead of its turn imports them while the stage in front of it runs."""
     sections: tuple[str, ...]
     """The spec sections the stage's key covers, beyond the keys of the stages before it."""
+    trains: bool = False
+    """Starts Ray Train runs: before its work it connects to Ray (its module's `connect()`) and frees the
+    placement groups that finished genpipe jobs left reserved
+    (`ray_internals.free_placement_groups_of_finished_jobs`), so that its workers get the CPUs. A job
+    submitted ahead of its turn does both while the stage in front of it runs."""
 
 
 TABLE = {
     "prepare": Stage(module="pipelines.prepare", imports=("mlflow.tracking", "pipelines.data", "pipelines.metrics"),
                      sections=("data", "extractor", "seed")),
-    "train": Stage(module="pipelines.train", imports=("ray.train.torch",), sections=("model", "train")),
+    "train": Stage(module="pipelines.train", imports=("ray.train.torch",), sections=("model", "train"), trains=True),
     "tune": Stage(module="pipelines.tune", imports=("mlflow.tracking", "ray.tune"),
-                  sections=("model", "train", "tune")),
+                  sections=("model", "train", "tune"), trains=True),
     "evaluate": Stage(module="pipelines.evaluate", imports=("mlflow.tracking",), sections=("evaluate",)),
     "register": Stage(module="pipelines.register", imports=("mlflow", "mlflow.tracking"), sections=("registry",)),
 }
@@ -117,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for module in (*TABLE[a.stage].imports, TABLE[a.stage].module):
             importlib.import_module(module)
+        if TABLE[a.stage].trains:
+            _connect(importlib.import_module(TABLE[a.stage].module))
         ready_at = time.time()
         if a.go:
             a = p.parse_args([*argv, *wait_for_go(a.go)])
@@ -129,6 +136,20 @@ def main(argv: list[str] | None = None) -> int:
         if a.outcome:
             _write_outcome(a.outcome, e)
         return e.exit_code
+
+
+def _connect(module) -> None:
+    from pipelines import ray_internals
+
+    module.connect()
+    try:
+        freed = ray_internals.free_placement_groups_of_finished_jobs()
+    except Exception as e:  # noqa: BLE001 -- the stage can still run; say what may hold its CPUs
+        print(f"genpipe: could not check for placement groups that finished jobs left reserved: {e}",
+              file=sys.stderr, flush=True)
+    else:
+        if freed:
+            print(f"freed {freed} placement group(s) that finished jobs left reserved", flush=True)
 
 
 def _write_outcome(uri: str, e: InvalidInput | GateFailed) -> None:

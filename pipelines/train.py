@@ -239,6 +239,13 @@ def train_loop(cfg: dict[str, Any]) -> None:
             logger.close()
 
 
+def connect() -> None:
+    """The stage job's Ray driver (pipelines.stages connects it before the work), as `fit()` would start it."""
+    import ray
+
+    ray.init()
+
+
 def stage(job: StageJob) -> dict:
     # Verify the shards here, where a bad one is a clean exit 2, not a failure inside every worker.
     datasets.verify_split(job.inputs["prepare"]["data"], "train")

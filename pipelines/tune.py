@@ -332,6 +332,13 @@ def _search(spec: PipelineSpec):
     return None
 
 
+def connect() -> None:
+    """The stage job's Ray driver (pipelines.stages connects it before the work)."""
+    import ray
+
+    ray.init(log_to_driver=False)  # the trials' worker logs would drown the progress lines
+
+
 def stage(job: StageJob) -> dict:
     # As the train stage does: a bad shard is a clean exit 2 here, not a failure inside every trial.
     for split in ("train", "val"):
@@ -350,7 +357,6 @@ def run(spec: PipelineSpec, prepared: dict, *, run_id: str, tracking_uri: str, s
     # Tune snapshots the experiment at every checkpoint when it prunes them, which is what lets a killed
     # search resume where its trials were; with a report per checkpoint it warns about it every time.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    ray.init(log_to_driver=False)  # the trials' worker logs would drown the progress lines
     t = spec.tune
     trainable = tune.with_parameters(Trial, spec=spec.to_dict(), prepared=prepared, parent_run=run_id,
                                      tracking_uri=tracking_uri, storage_path=storage_path, key=key)

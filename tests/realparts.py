@@ -207,6 +207,33 @@ def reserved_placement_groups(home: dict, *, within: float = 0, job_id: str | No
         time.sleep(1)
 
 
+_ORPHAN = """
+import ray
+from ray.util.placement_group import placement_group
+ray.init()
+@ray.remote(num_cpus=0)
+class Holder:
+    def hold(self):
+        self.group = placement_group([{"CPU": 1}])
+        ray.get(self.group.ready())
+        return self.group.id.hex()
+print("orphan", ray.get(Holder.options(lifetime="detached").remote().hold.remote()))
+"""
+
+
+def orphan_placement_group(home: dict) -> str:
+    """Leave a placement group on the session's head in the state Ray's race leaves one in (a group created
+    as its creator actor died): one CPU reserved, not detached, its creator job, named like a genpipe stage's,
+    finished. The race cannot be timed from here, so a detached actor of that job holds the group instead.
+    Returns the group's id."""
+    ray = str(Path(sys.executable).with_name("ray"))
+    r = subprocess.run([ray, "job", "submit", "--address", home["address"], "--submission-id",
+                        f"genpipe-orphan-{secrets.token_hex(4)}", "--", sys.executable, "-c", _ORPHAN],
+                       env={**home["env"], "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return next(line.split()[1] for line in r.stdout.splitlines() if line.startswith("orphan "))
+
+
 # -- A cluster like the one in infra/k8s, on this machine: PostgreSQL, an MLflow server on it with
 # -- basic auth and artifacts proxied to the moto S3, and a two-node Ray cluster with token auth.
 

@@ -4,15 +4,17 @@ evaluate and register."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.realparts import DIGITS, genpipe, last_json, reserved_placement_groups, start
+from tests.realparts import DIGITS, genpipe, last_json, orphan_placement_group, reserved_placement_groups, start
 
 pytestmark = pytest.mark.integration
 
@@ -71,6 +73,18 @@ def _checkpointed_trials(search: Path) -> set[str]:
     return {d.name for d in search.glob("Trial_*") if any(c.stat().st_mtime < saved for c in d.glob("checkpoint_*"))}
 
 
+def _suspend_train_workers(home) -> list[psutil.Process]:
+    """SIGSTOP the Ray Train workers of the session's head (children of its `ray start`), found at once."""
+    head = psutil.Process(json.loads((home["path"] / "ray" / "head.json").read_text())["pid"])
+    workers = []
+    for p in head.children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if " ".join(p.cmdline()).startswith("ray::RayTrainWorker"):
+                p.suspend()
+                workers.append(p)
+    return workers
+
+
 def test_a_killed_search_resumes_without_rerunning_or_duplicating_then_the_best_is_registered(home):
     # The smoke search spec through `genpipe pipeline`, one trial at a time and every trial to the end:
     # trial 0 finishes, then trial 1 is cut after its first checkpoint. On resume trial 0 must not run
@@ -84,10 +98,18 @@ def test_a_killed_search_resumes_without_rerunning_or_duplicating_then_the_best_
     while len(_checkpointed_trials(next(iter(tune_dir.glob("search-*")), tune_dir))) < 2:
         assert proc.poll() is None, "the search ended before it could be interrupted"
         assert time.time() < deadline
-        time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-3000:]
+        time.sleep(0.1)
+    # Trial 1's worker is frozen until the search has stopped: its last 40 steps took less time than the
+    # stop takes to land, and a trial that finished first left nothing to cut (seen on a fresh-clone run).
+    frozen = _suspend_train_workers(home)
+    try:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        for worker in frozen:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                worker.resume()
+    assert frozen and proc.returncode == 130, err[-3000:]
     c = _client(home)
     exp = c.get_experiment_by_name("tune-resume").experiment_id
     assert "RUNNING" not in {r.info.status for r in c.search_runs([exp])}
@@ -105,8 +127,13 @@ def test_a_killed_search_resumes_without_rerunning_or_duplicating_then_the_best_
 
     r = genpipe(home, *args)  # without --resume: refused, the interrupted search is left as it was
     assert r.returncode == 2 and "continue it with --resume" in r.stderr, r.stderr[-2000:]
+    # A stopped job can leave its Train run's placement group reserved (ray_internals): the search that
+    # resumes frees it before its trials wait for the CPU it holds.
+    orphan = orphan_placement_group(home)
     r = genpipe(home, *args, "--resume", timeout=SEARCH_TIMEOUT)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "placement group(s) that finished jobs left reserved" in r.stderr
+    assert orphan not in {g["placement_group_id"] for g in reserved_placement_groups(home)}
 
     out = last_json(r.stdout)
     assert set(out["runs"]) == {"pipeline", "prepare", "tune", "evaluate", "register"}
