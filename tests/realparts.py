@@ -224,8 +224,8 @@ print("orphan", ray.get(Holder.options(lifetime="detached").remote().hold.remote
 def orphan_placement_group(home: dict) -> str:
     """Leave a placement group on the session's head in the state Ray's race leaves one in (a group created
     as its creator actor died): one CPU reserved, not detached, its creator job, named like a genpipe stage's,
-    finished. The race cannot be timed from here, so a detached actor of that job holds the group instead.
-    Returns the group's id."""
+    finished. The race cannot be timed from here, so a detached actor of that job holds the group instead
+    (it stays on the head, idle and with no CPU, until the head stops). Returns the group's id."""
     ray = str(Path(sys.executable).with_name("ray"))
     r = subprocess.run([ray, "job", "submit", "--address", home["address"], "--submission-id",
                         f"genpipe-orphan-{secrets.token_hex(4)}", "--", sys.executable, "-c", _ORPHAN],

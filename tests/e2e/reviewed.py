@@ -1,7 +1,7 @@
 """The registry review's pipelines, shared by the session: a conditional GAN, PixelCNN and DDPM trained
 on the digits through `genpipe pipeline`, and a quality gate that fails. tests/e2e/test_registry.py
-reviews them; tests/e2e/test_families.py counts them as those three families' pipelines (a family
-needs one real pipeline to a registered version, not two)."""
+reviews them, and counts them as those three families' pipelines to a registered version (a family
+needs one, not two; the other families': tests/e2e/test_families.py)."""
 
 from __future__ import annotations
 
