@@ -64,8 +64,6 @@ def free_placement_groups_left_by(job_id: str, *, wait_s: float = 30.0) -> int:
     (seen once in the PBT test, a worker's health check failing under load just before the end). Only
     called when the job's searches are over, so a placement group it still owns has no run to serve.
     (Registering the group with the cleaner before creating it, in Train, would retire this.)"""
-    import ray
-    from ray.util.placement_group import PlacementGroup, remove_placement_group
     from ray.util.state import list_placement_groups
 
     def reserved() -> list:
@@ -75,8 +73,7 @@ def free_placement_groups_left_by(job_id: str, *, wait_s: float = 30.0) -> int:
     deadline = time.monotonic() + wait_s
     while (left := reserved()) and time.monotonic() < deadline:
         time.sleep(1)
-    for pg in left:
-        remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg.placement_group_id))))
+    _remove([pg.placement_group_id for pg in left])
     return len(left)
 
 
@@ -107,8 +104,6 @@ def free_placement_groups_of_finished_jobs() -> int:
     group; its placement group was created 0.4 s before the job was marked finished and still reserved a
     CPU two minutes later. Train stages, which run without a PlacementGroupCleaner (`torch_trainer`), can
     hit the same window when they are stopped."""
-    import ray
-    from ray.util.placement_group import PlacementGroup, remove_placement_group
     from ray.util.state import list_jobs, list_placement_groups
 
     groups = list_placement_groups(filters=[("state", "!=", "REMOVED")], detail=True, limit=10_000,
@@ -118,9 +113,17 @@ def free_placement_groups_of_finished_jobs() -> int:
     jobs = [{"job_id": j.job_id, "submission_id": j.submission_id, "status": getattr(j.status, "value", j.status)}
             for j in list_jobs(limit=10_000, raise_on_missing_output=False)]
     orphans = orphaned_placement_groups([vars(g) for g in groups], jobs)
-    for pg_id in orphans:
-        remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
+    _remove(orphans)
     return len(orphans)
+
+
+def _remove(placement_group_ids: list[str]) -> None:
+    """Remove placement groups by the hex ids the state API gives (the calling process is a Ray driver)."""
+    import ray
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    for pg_id in placement_group_ids:
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
 
 
 def torch_trainer(*, in_search: bool, **kwargs):

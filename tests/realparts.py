@@ -221,6 +221,13 @@ print("orphan", ray.get(Holder.options(lifetime="detached").remote().hold.remote
 """
 
 
+def head_process(home: dict):
+    """The session's local head: the `ray start` process, parent of its GCS, raylet and workers."""
+    import psutil
+
+    return psutil.Process(json.loads((home["path"] / "ray" / "head.json").read_text())["pid"])
+
+
 def orphan_placement_group(home: dict) -> str:
     """Leave a placement group on the session's head in the state Ray's race leaves one in (a group created
     as its creator actor died): one CPU reserved, not detached, its creator job, named like a genpipe stage's,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.realparts import DIGITS, genpipe
+from tests.realparts import DIGITS, genpipe, sqlite_client
 
 # one worker and a batch of 32: these tests are about what happens after training
 TRAIN = ["--set", "train.num_workers=1", "--set", "train.batch_size=32", "--set", "train.steps=60",
@@ -40,8 +40,4 @@ def reviewed(home):
             r = genpipe(home, "pipeline", *spec_args(family))
             assert r.returncode == 0, r.stderr[-3000:]
         out[family] = r
-    # imported here: tests/conftest.py imports this module, and not every test run needs MLflow
-    from mlflow.tracking import MlflowClient
-
-    uri = f"sqlite:///{home['path'] / 'mlflow.db'}"
-    return {"runs": out, "client": MlflowClient(uri, registry_uri=uri), "tracking_uri": uri}
+    return {"runs": out, "client": sqlite_client(home), "tracking_uri": f"sqlite:///{home['path'] / 'mlflow.db'}"}

@@ -5,16 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from mlflow.tracking import MlflowClient
 
-from tests.realparts import DIGITS, genpipe, last_json
+from tests.realparts import DIGITS, genpipe, last_json, sqlite_client
 
 pytestmark = pytest.mark.integration
-
-
-def _client(home) -> MlflowClient:
-    uri = f"sqlite:///{home['path'] / 'mlflow.db'}"
-    return MlflowClient(uri, registry_uri=uri)
 
 
 def test_smoke_pipeline_local_then_cached_then_sampled(home, tmp_path):
@@ -28,7 +22,7 @@ def test_smoke_pipeline_local_then_cached_then_sampled(home, tmp_path):
         assert np.isfinite(out["metrics"][k]), k
     assert "[train] " in r.stderr and "step 60/60" in r.stderr  # progress reaches the user
 
-    c = _client(home)
+    c = sqlite_client(home)
     for stage, run_id in out["runs"].items():
         run = c.get_run(run_id)
         assert run.info.status == "FINISHED", stage

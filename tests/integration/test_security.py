@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import ipaddress
-import json
 
 import psutil
 import pytest
+
+from tests.realparts import head_process
 
 pytestmark = pytest.mark.integration
 
@@ -21,7 +22,7 @@ def _listening(process: psutil.Process) -> list:
 
 
 def test_local_head_listens_on_loopback_only(home):
-    head = psutil.Process(json.loads((home["path"] / "ray" / "head.json").read_text())["pid"])
+    head = head_process(home)
     listening = [entry for p in [head, *head.children(recursive=True)] for entry in _listening(p)]
     assert len(listening) >= 5, listening  # GCS, raylet, dashboard, agents: it did look at them
     exposed = [(name, addr) for name, addr in listening

@@ -12,19 +12,14 @@ from pathlib import Path
 
 import psutil
 import pytest
-from mlflow.tracking import MlflowClient
 
-from tests.realparts import DIGITS, genpipe, last_json, orphan_placement_group, reserved_placement_groups, start
+from tests.realparts import (DIGITS, genpipe, head_process, last_json, orphan_placement_group, reserved_placement_groups,
+                             sqlite_client, start)
 
 pytestmark = pytest.mark.integration
 
 SMOKE = ["--config", "jobs/smoke_tune.yaml", *DIGITS]
 SEARCH_TIMEOUT = 1200  # a safety net for a whole search through the CLI, not a measurement
-
-
-def _client(home) -> MlflowClient:
-    uri = f"sqlite:///{home['path'] / 'mlflow.db'}"
-    return MlflowClient(uri, registry_uri=uri)
 
 
 def _manifest(home, name: str, stage: str) -> dict:
@@ -50,7 +45,7 @@ def test_asha_stops_diverging_learning_rates_and_the_best_comes_from_the_good_re
     winner = rows[best["config"]["model.lr"]]
     assert winner["status"] == "done" and winner["steps"] == 60, winner
     # A stopped trial's MLflow run ends where Tune stopped it: its Train run did not log on past the cut.
-    c = _client(home)
+    c = sqlite_client(home)
     exp = c.get_experiment_by_name("tune-asha").experiment_id
     for t in c.search_runs([exp], filter_string="attributes.run_name LIKE 'tune-asha/tune/%'"):
         row = rows[json.loads(t.data.tags["genpipe.trial_config"])["model.lr"]]
@@ -75,9 +70,8 @@ def _checkpointed_trials(search: Path) -> set[str]:
 
 def _suspend_train_workers(home) -> list[psutil.Process]:
     """SIGSTOP the Ray Train workers of the session's head (children of its `ray start`), found at once."""
-    head = psutil.Process(json.loads((home["path"] / "ray" / "head.json").read_text())["pid"])
     workers = []
-    for p in head.children(recursive=True):
+    for p in head_process(home).children(recursive=True):
         with contextlib.suppress(psutil.NoSuchProcess):
             if " ".join(p.cmdline()).startswith("ray::RayTrainWorker"):
                 p.suspend()
@@ -110,7 +104,7 @@ def test_a_killed_search_resumes_without_rerunning_or_duplicating_then_the_best_
             with contextlib.suppress(psutil.NoSuchProcess):
                 worker.resume()
     assert frozen and proc.returncode == 130, err[-3000:]
-    c = _client(home)
+    c = sqlite_client(home)
     exp = c.get_experiment_by_name("tune-resume").experiment_id
     assert "RUNNING" not in {r.info.status for r in c.search_runs([exp])}
     finished = {t.data.tags.get("genpipe.trial_id") for t in c.search_runs([exp])
@@ -180,7 +174,7 @@ def test_pbt_exploited_trial_continues_from_the_donors_checkpoint_and_step(home)
                 "--set", "tune.num_samples=1", "--set", "tune.max_concurrent_trials=2", "--set", f"train.steps={PBT_STEPS}",
                 timeout=SEARCH_TIMEOUT)
     assert r.returncode == 0, r.stderr[-3000:]
-    c = _client(home)
+    c = sqlite_client(home)
     exp = c.get_experiment_by_name("tune-pbt").experiment_id
     trials = {t.data.tags["genpipe.trial_id"]: t for t in
               c.search_runs([exp], filter_string="attributes.run_name LIKE 'tune-pbt/tune/%'")}
