@@ -164,8 +164,8 @@ class TrainSpec(Section):
     max_failures: int = Field(0, ge=-1)
     """Worker failures Ray Train recovers from (restarting from the latest checkpoint); -1 for unlimited."""
     collective_timeout_s: int = Field(1800, ge=5)
-    """A collective (all-reduce, barrier) waiting longer than this fails the run, which `max_failures`
-    then retries: a hung or frozen peer becomes a restart, not a stall."""
+    """A collective (all-reduce, barrier, Ray Train's report) waiting longer than this fails the run, which
+    `max_failures` then retries: a hung or frozen peer becomes a restart, not a stall."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """Forward passes in bf16 autocast (weights, optimizer states and backward stay float32)."""
     channels_last: bool = False

@@ -51,6 +51,17 @@ def poll_train_workers_often() -> None:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 
+def time_out_train_barriers(timeout_s: float) -> None:
+    """Give Ray Train's own barrier the timeout the process group's collectives have: call before
+    `TorchTrainer.fit`, which hands the variable on to the controller; a value already in the environment
+    wins.
+
+    Every `ray.train.report` waits there for all ranks, and Ray leaves it without a timeout: a peer frozen
+    between its last all-reduce and its report would hold the others until the controller's health check
+    gives up on it, 10 minutes later, however short `train.collective_timeout_s` is."""
+    os.environ.setdefault("RAY_TRAIN_COLLECTIVE_TIMEOUT_S", str(timeout_s))
+
+
 def free_placement_groups_left_by(job_id: str, *, wait_s: float = 30.0) -> int:
     """Remove the placement groups that job `job_id` created and that still reserve resources, once its
     Train runs are over: waits up to `wait_s` for Train to free them itself first. Returns how many it

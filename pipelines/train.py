@@ -265,6 +265,7 @@ def run(spec: PipelineSpec, data_manifest: dict, *, run_id: str, tracking_uri: s
     from ray.train.torch import TorchConfig
 
     ray_internals.poll_train_workers_often()
+    ray_internals.time_out_train_barriers(spec.train.collective_timeout_s)
     fs, path = storage.ray_storage(storage_path)
     trainer = ray_internals.torch_trainer(
         in_search=callbacks is not None,  # only a search trial passes callbacks

@@ -6,6 +6,7 @@ an MLflow server on it (basic auth, artifacts on S3) and a two-node Ray cluster.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import pwd
@@ -226,6 +227,19 @@ def head_process(home: dict):
     import psutil
 
     return psutil.Process(json.loads((home["path"] / "ray" / "head.json").read_text())["pid"])
+
+
+def train_workers(home: dict) -> list:
+    """The live Ray Train workers of the session's head (processes under its `ray start`), found in
+    milliseconds: Ray's state CLI takes seconds under load, in which a run's last steps can pass."""
+    import psutil
+
+    workers = []
+    for p in head_process(home).children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if p.status() != psutil.STATUS_ZOMBIE and " ".join(p.cmdline()).startswith("ray::RayTrainWorker"):
+                workers.append(p)
+    return workers
 
 
 def orphan_placement_group(home: dict) -> str:

@@ -31,6 +31,7 @@ from tests.realparts import (
     committed_step,
     reserved_placement_groups,
     start,
+    train_workers,
 )
 
 pytestmark = pytest.mark.integration
@@ -65,12 +66,15 @@ def _wait_for(what: str, cond, proc: subprocess.Popen, timeout: float = 300) -> 
 
 
 def _train_workers(home) -> list[int]:
-    """PIDs of the live Ray Train workers on the session's head, through Ray's state CLI."""
-    ray = str(Path(sys.executable).with_name("ray"))
-    r = subprocess.run([ray, "list", "actors", "--address", home["address"], "--filter", "class_name=RayTrainWorker",
-                        "--filter", "state=ALIVE", "--format", "json"], env={**home["env"], "RAY_AUTH_MODE": "token"},
-                       capture_output=True, text=True, check=True)
-    return [] if r.stdout.startswith("No resource") else sorted(a["pid"] for a in json.loads(r.stdout))
+    return sorted(p.pid for p in train_workers(home))
+
+
+def _rank1(workers: list[int], db: str) -> int:
+    """The worker of a 2-worker group that is not rank 0. Rank 0 has logged metrics by its first checkpoint,
+    so it has MLflow's sqlite database open; rank 1 never opens it. A fault freezes rank 1: rank 0, frozen
+    mid-write, would hold the database's lock."""
+    (rank1,) = [pid for pid in workers if not any(f.path == db for f in psutil.Process(pid).open_files())]
+    return rank1
 
 
 def _train_run(c: MlflowClient, name: str):
@@ -130,8 +134,7 @@ def test_killed_driver_rerun_follows_the_running_train_job(home):
     _wait_for("a committed checkpoint", lambda: committed_checkpoint(home["path"] / "storage" / name / "train"), proc)
     workers = _train_workers(home)
     assert len(workers) == 2
-    # rank 0 has logged metrics by its first checkpoint, so it has the database open; rank 1 never opens it
-    (rank1,) = [pid for pid in workers if not any(f.path == db for f in psutil.Process(pid).open_files())]
+    rank1 = _rank1(workers, db)
     os.kill(rank1, signal.SIGSTOP)
     try:
         proc.kill()
@@ -235,41 +238,48 @@ def test_sigterm_marks_every_run_killed_before_a_slow_stage_job_has_stopped(home
 
 def test_a_killed_worker_then_a_hung_collective_each_restart_from_the_latest_checkpoint(home):
     """Two faults in one live run, each once a checkpoint is committed: a train worker SIGKILLed; then, in
-    the worker group that replaced it and once that group has committed a checkpoint of its own, a peer
-    frozen (SIGSTOP), which leaves the other rank in an all-reduce until the collective timeout. Each
-    time the group restarts from the latest checkpoint, and the run ends at its last step, every metric
-    step logged once. (One run for both: each fault costs this VM a worker group's start and the steps
-    after it, about a minute.)"""
+    the worker group that replaced it and once that group has committed a checkpoint of its own, its rank 1
+    frozen (SIGSTOP), which leaves rank 0 in an all-reduce until the collective timeout. Each time the group
+    restarts from the latest checkpoint, and the run ends at its last step, every metric step logged once.
+    (One run for both: each fault costs this VM a worker group's start and the steps after it, about a
+    minute.)
+
+    The new group is listed (Ray's CLI, seconds under load) while it trains towards its first checkpoint,
+    so that the freeze itself is a file read and a signal: listed after that checkpoint, the steps left
+    could run out before the freeze and leave nothing to time out."""
     name = "fault-worker-then-collective"
     train_dir = home["path"] / "storage" / name / "train"
     proc = _start_train(home, name, "train.max_failures=2", "train.collective_timeout_s=15")
     _wait_for("a committed checkpoint", lambda: committed_checkpoint(train_dir), proc)
     first = _train_workers(home)
     assert len(first) == 2
-    killed_after = committed_step(train_dir)
     os.kill(first[-1], signal.SIGKILL)
 
+    head = _read_until(proc, "resuming from step ")
+    resumed_at = int(head.split("resuming from step ")[1].split()[0])
     second: list[int] = []
 
-    def replaced() -> bool:  # the snapshot first: listing the actors runs Ray's CLI
-        if committed_step(train_dir) <= killed_after:
-            return False
-        second[:] = _train_workers(home)
-        return len(second) == 2 and not set(second) & set(first)
+    def replaced() -> bool:  # the group that resumed, once its process group is up (both ranks train)
+        second[:] = [pid for pid in _train_workers(home) if pid not in first]
+        return len(second) == 2
 
-    _wait_for("the new worker group's first checkpoint", replaced, proc)
-    frozen = second[-1]  # the group just listed: listing it again would give the steps time to run out
+    _wait_for("the new worker group", replaced, proc)
+    _wait_for("its first checkpoint", lambda: committed_step(train_dir) > resumed_at, proc)
+    frozen = _rank1(second, str(home["path"] / "mlflow.db"))
     os.kill(frozen, signal.SIGSTOP)
+    frozen_at = committed_step(train_dir)
+    assert frozen_at < STEPS, "the steps ran out before the freeze"
     try:
-        err = _finish(proc)
+        err = head + _finish(proc)
     finally:
         try:
             os.kill(frozen, signal.SIGKILL)
         except ProcessLookupError:
             pass
     resumed = [int(part.split()[0]) for part in err.split("resuming from step ")[1:]]
-    assert len(resumed) == 2 and 0 < resumed[0] < resumed[1] < STEPS, resumed
-    assert "Timed out waiting 15000ms" in err  # gloo's own words: the timeout, not a health check, ended it
+    assert len(resumed) == 2 and resumed_at == resumed[0] < resumed[1] < STEPS, (resumed, frozen_at, err[-3000:])
+    # The timeout ended it, not the health check: gloo's words, or Ray Train's where rank 0 waited in a report
+    assert "Timed out waiting 15000ms" in err or "The collective operation timed out after 1" in err
     assert _final_step(home, name) == STEPS
     _assert_every_step_once(_sqlite(home), name)
 

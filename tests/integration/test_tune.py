@@ -13,8 +13,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.realparts import (DIGITS, genpipe, head_process, last_json, orphan_placement_group, reserved_placement_groups,
-                             sqlite_client, start)
+from tests.realparts import (DIGITS, genpipe, last_json, orphan_placement_group, reserved_placement_groups,
+                             sqlite_client, start, train_workers)
 
 pytestmark = pytest.mark.integration
 
@@ -69,13 +69,11 @@ def _checkpointed_trials(search: Path) -> set[str]:
 
 
 def _suspend_train_workers(home) -> list[psutil.Process]:
-    """SIGSTOP the Ray Train workers of the session's head (children of its `ray start`), found at once."""
-    workers = []
-    for p in head_process(home).children(recursive=True):
+    """SIGSTOP the Ray Train workers of the session's head."""
+    workers = train_workers(home)
+    for p in workers:
         with contextlib.suppress(psutil.NoSuchProcess):
-            if " ".join(p.cmdline()).startswith("ray::RayTrainWorker"):
-                p.suspend()
-                workers.append(p)
+            p.suspend()
     return workers
 
 
