@@ -8,6 +8,7 @@ import asyncio
 import collections
 import json
 import os
+import random
 import re
 import shlex
 import signal
@@ -33,19 +34,40 @@ TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 STOP_WAIT_S = 10
 
 
-_handed_out: set[int] = set()
+# Ports handed out by free_port, one file each, shared by every genpipe process on this machine.
+_PORTS = Path(tempfile.gettempdir()) / "genpipe-ports"
+# Long enough for a handed-out port to be bound (a head's start on a loaded machine); after that, a port
+# still in use fails free_port's bind and one no longer in use may be handed out again.
+_PORT_HELD_S = 600
+_random = random.SystemRandom()  # not the `random` a caller may have seeded: two processes, the same draws
 
 
 def free_port() -> int:
-    """A port free on 127.0.0.1 now and not handed out before by this process: the kernel can give the
-    same ephemeral port to two binds in a row, and Ray refuses to start with two components on one port."""
+    """A port free on 127.0.0.1 now, for a server that binds it later (Ray's head and nodes, a test's
+    servers). Between the two, another process can take it: so the port is drawn from 20000-32767, which
+    nothing on the machine draws from by itself (Linux hands out ephemeral ports, for bind(0) and every
+    outgoing connection, from 32768 up; Ray's workers bind 10002-19999), and it is not handed out twice
+    within 10 minutes by any genpipe process here (a file per port under TMP/genpipe-ports, created
+    exclusively). With bind(0), a test head and a cluster started at the same moment drew the same port."""
+    _PORTS.mkdir(exist_ok=True)
     while True:
+        port = _random.randrange(20000, 32768)
+        mark = _PORTS / str(port)
+        try:
+            os.close(os.open(mark, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            try:
+                if time.time() - mark.stat().st_mtime < _PORT_HELD_S:
+                    continue
+                os.utime(mark)
+            except FileNotFoundError:
+                continue
         with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _handed_out:
-            _handed_out.add(port)
-            return port
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
 
 
 def _alive(dashboard_url: str) -> bool:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 
 import pytest
 import torch
@@ -20,6 +19,7 @@ from gen_models.base import StepContext
 from gen_models.gan.cgan import CGAN
 from gen_models.gan.config import CGANConfig, GANConfig, WGANConfig, WGANGPConfig
 from gen_models.gan.wgan import WGAN, gradient_penalty
+from pipelines.cluster import free_port
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny nets: threads only contend
 
@@ -194,12 +194,6 @@ def test_cgan_trains_both_networks_on_the_batch_labels():
 
 
 # --- DDP ------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _ddp_worker(rank: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
