@@ -3,8 +3,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
-# Two xdist workers: the real-parts tests in three groups, each in order on one worker with a head of its own,
-# the unit tests between them (tests/conftest.py).
+# Two xdist workers: the real-parts tests in order on one (tests/conftest.py), the unit tests on the other.
 .venv/bin/python -m pytest -q -ra --durations=15 -n 2 "$@"
 rc=$?
 if [ "$rc" = 5 ]; then
