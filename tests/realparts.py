@@ -190,19 +190,37 @@ def committed_step(train_dir: Path) -> int:
     return step
 
 
+# A local head's token (pipelines/cluster.py writes it where Ray's CLI and clients look for it).
+LOCAL_TOKEN = Path.home() / ".ray" / "auth_token"
+
+
+def ray_api(address: str, path: str, token: Path = LOCAL_TOKEN):
+    """GET PATH from the Ray dashboard at ADDRESS, with the token: what `ray list` asks, in milliseconds.
+    The CLI costs about 2 CPU-seconds a call, seconds of wall on a loaded VM, in which a run's last steps
+    can pass before a test that polls it sees what it waits for."""
+    req = urllib.request.Request(f"{address}{path}", headers={"Authorization": f"Bearer {token.read_text().strip()}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def ray_state(address: str, resource: str, *filters: tuple[str, str, str], token: Path = LOCAL_TOKEN) -> list[dict]:
+    """Ray's state API (`ray list RESOURCE --detail`): FILTERS are (key, "=" or "!=", value)."""
+    query = urllib.parse.urlencode([("limit", "10000"), ("detail", "1"),
+                                    *(pair for key, pred, value in filters
+                                      for pair in (("filter_keys", key), ("filter_predicates", pred),
+                                                   ("filter_values", value)))])
+    return ray_api(address, f"/api/v0/{resource}?{query}", token)["data"]["result"]["result"]
+
+
 def reserved_placement_groups(home: dict, *, within: float = 0, job_id: str | None = None) -> list[dict]:
     """The placement groups that still reserve resources on the session's head (those Ray job `job_id`
-    created, when given), through Ray's state CLI; waiting up to `within` seconds for there to be none
-    (Train's PlacementGroupCleaner, which frees the placement group of a stopped trial's workers, looks
-    about once a second)."""
-    ray = str(Path(sys.executable).with_name("ray"))
+    created, when given), waiting up to `within` seconds for there to be none (Train's
+    PlacementGroupCleaner, which frees the placement group of a stopped trial's workers, looks about once a
+    second)."""
     deadline = time.monotonic() + within
-    only = ["--filter", f"creator_job_id={job_id}"] if job_id else []
+    only = [("creator_job_id", "=", job_id)] if job_id else []
     while True:
-        r = subprocess.run([ray, "list", "placement-groups", "--address", home["address"], "--filter",
-                            "state!=REMOVED", *only, "--format", "json"], env={**home["env"], "RAY_AUTH_MODE": "token"},
-                           capture_output=True, text=True, check=True)
-        reserved = [] if r.stdout.startswith("No resource") else json.loads(r.stdout)  # how it says "none"
+        reserved = ray_state(home["address"], "placement_groups", ("state", "!=", "REMOVED"), *only)
         if not reserved or time.monotonic() > deadline:
             return reserved
         time.sleep(1)
@@ -444,22 +462,11 @@ class RayCluster:
         self._start(f"node{len(self.procs)}", [f"--address=127.0.0.1:{self.gcs_port}"], num_cpus)
 
     def state(self, resource: str, **filters: str) -> list[dict]:
-        """Ray's state API (what `ray list RESOURCE --detail` asks), through the dashboard with the token."""
-        query = urllib.parse.urlencode([("limit", "10000"), ("detail", "1"),
-                                        *((k, v) for f, val in filters.items()
-                                          for k, v in (("filter_keys", f), ("filter_predicates", "="),
-                                                       ("filter_values", val)))])
-        return self._get(f"/api/v0/{resource}?{query}")["data"]["result"]["result"]
+        return ray_state(self.address, resource, *((k, "=", v) for k, v in filters.items()), token=self.token_path)
 
     def jobs(self) -> list[dict]:
         """Every job submitted to the cluster, as its job API lists them (runtime_env included)."""
-        return self._get("/api/jobs/")
-
-    def _get(self, path: str):
-        req = urllib.request.Request(f"{self.address}{path}",
-                                     headers={"Authorization": f"Bearer {self.token_path.read_text().strip()}"})
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return json.loads(r.read())
+        return ray_api(self.address, "/api/jobs/", self.token_path)
 
     def wait_nodes(self, n: int, timeout: float = 180) -> list[dict]:
         def ready():

@@ -29,6 +29,7 @@ from tests.realparts import (
     _free_port,
     committed_checkpoint,
     committed_step,
+    ray_api,
     reserved_placement_groups,
     start,
     train_workers,
@@ -161,11 +162,7 @@ def _runs(c: MlflowClient, name: str) -> dict[str, str]:
 def _stage_jobs(home, name: str, stage: str) -> list[dict]:
     """The Ray jobs of one stage of one pipeline on the session's head (their metadata names both: the key
     of what a job makes, or the go file of a job submitted ahead of its turn)."""
-    ray = str(Path(sys.executable).with_name("ray"))
-    r = subprocess.run([ray, "list", "jobs", "--address", home["address"], "--detail", "--format", "json"],
-                       env={**home["env"], "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, check=True)
-    jobs = [] if r.stdout.startswith("No resource") else json.loads(r.stdout)
-    return [j for j in jobs if (j.get("metadata") or {}).get("genpipe_stage") == stage
+    return [j for j in ray_api(home["address"], "/api/jobs/") if (j.get("metadata") or {}).get("genpipe_stage") == stage
             and f"/{name}/{stage}/" in j["metadata"].get("genpipe_key", j["metadata"].get("genpipe_go", ""))]
 
 

@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import boto3
 import numpy as np
@@ -21,18 +18,14 @@ from pipelines.config import DataSpec
 from pipelines.data import prepare
 from pipelines.models import _dataset_lines
 from tests.imagesets import photo_patches
-from tests.realparts import genpipe, last_json
+from tests.realparts import genpipe, last_json, ray_state
 
 pytestmark = pytest.mark.integration
 
 
 def _ray_tasks(home: dict, name: str) -> list[dict]:
-    """The tasks of that function name the session's head has run, through Ray's state CLI."""
-    ray = str(Path(sys.executable).with_name("ray"))
-    r = subprocess.run([ray, "list", "tasks", "--address", home["address"], "--filter", f"func_or_class_name={name}",
-                        "--format", "json", "--limit", "10000"], env={**home["env"], "RAY_AUTH_MODE": "token"},
-                       capture_output=True, text=True, check=True)
-    return [] if r.stdout.startswith("No resource") else json.loads(r.stdout)
+    """The tasks of that function name the session's head has run."""
+    return ray_state(home["address"], "tasks", ("func_or_class_name", "=", name))
 
 
 def test_an_image_folder_on_s3_is_prepared_by_ray_tasks(home, tmp_path, monkeypatch):
