@@ -3,7 +3,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
-# Two xdist workers: the real-parts tests in order on one (tests/conftest.py), the unit tests on the other.
+# Two xdist workers: the real-parts tests in order on one; on the other the family pipelines and the two-node
+# cluster, which have real parts of their own, then the unit tests (tests/conftest.py).
 .venv/bin/python -m pytest -q -ra --durations=15 -n 2 "$@"
 rc=$?
 if [ "$rc" = 5 ]; then

@@ -8,27 +8,32 @@ from tests.realparts import end_started
 
 
 REAL_PARTS = ("tests/integration/", "tests/e2e/")
-# Real parts of its own (a GENPIPE_HOME, head and database nobody else uses): not bound to the others' worker.
-OWN_HEAD = "tests/e2e/test_families.py"
+# Real parts of their own (a head, database or cluster nobody else uses): not bound to the others' worker.
+OWN_PARTS = {"tests/e2e/test_families.py": "families", "tests/e2e/test_cluster.py": "cluster"}
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
     """Under xdist (scripts/test.sh runs two workers) the tests on the real parts run on one worker, in
     order: they share one Ray head, moto server and MLflow database, and on 2 cores a second head would
-    only slow both. The other worker runs the unit tests beside them, in the time the real-parts tests
-    leave the CPUs idle (waiting on a head, a timeout, a restart), and, first, tests/e2e/test_families.py,
-    whose nine pipelines have a home and head of their own: the scopes go out largest first, so the real
-    parts take one worker and the families the other. Without that, the real-parts worker ran for 22
-    minutes while the other was done after 9. (xdist's own `--dist loadgroup` keys groups on rewritten
-    node ids, which pytest 9 no longer takes.)"""
+    only slow both (tried: the suite took as long, on 300 more CPU-seconds). The other worker runs what
+    has real parts of its own, then the unit tests, in the time the real-parts tests leave the CPUs idle
+    (waiting on a head, a timeout, a restart).
+
+    xdist hands out the largest scope first and gives a worker its next one when it has two tests left:
+    the real parts take one worker, the nine family pipelines (tests/e2e/test_families.py, a head of their
+    own) the other, which then takes the two-node cluster (tests/e2e/test_cluster.py) and the unit tests.
+    With the cluster at the head of the real-parts worker's queue, that worker ran 21 minutes while the
+    other was done after 11. (xdist's own `--dist loadgroup` keys groups on rewritten node ids, which
+    pytest 9 no longer takes.)"""
     if config.getvalue("dist") != "load":
         return None
     from xdist.scheduler import LoadScopeScheduling
 
     class RealPartsOnOneWorker(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            if nodeid.startswith(OWN_HEAD):
-                return "families"
+            for prefix, scope in OWN_PARTS.items():
+                if nodeid.startswith(prefix):
+                    return scope
             return "real parts" if nodeid.startswith(REAL_PARTS) else nodeid
 
     return RealPartsOnOneWorker(config, log)
