@@ -241,9 +241,9 @@ def test_a_killed_worker_then_a_hung_collective_each_restart_from_the_latest_che
     (One run for both: each fault costs this VM a worker group's start and the steps after it, about a
     minute.)
 
-    The new group is listed (Ray's CLI, seconds under load) while it trains towards its first checkpoint,
-    so that the freeze itself is a file read and a signal: listed after that checkpoint, the steps left
-    could run out before the freeze and leave nothing to time out."""
+    The new group is listed while it trains towards its first checkpoint, so that the freeze itself is a
+    file read and a signal: found only after that checkpoint (once through Ray's CLI, seconds under load),
+    the steps left could run out before the freeze and leave nothing to time out."""
     name = "fault-worker-then-collective"
     train_dir = home["path"] / "storage" / name / "train"
     proc = _start_train(home, name, "train.max_failures=2", "train.collective_timeout_s=15")
