@@ -18,7 +18,6 @@ def stage(job: StageJob) -> dict:
 
 def prepare(spec: PipelineSpec, root: str, run_id: str, tracking_uri: str) -> dict:
     """Source -> shards (content-hashed); extractor and reference statistics once per data hash."""
-    import torch
     from mlflow.entities import DatasetInput, InputTag
     from mlflow.tracking import MlflowClient
 
@@ -71,8 +70,7 @@ def prepare(spec: PipelineSpec, root: str, run_id: str, tracking_uri: str) -> di
         if kind == "rotation":
             info["rotation_accuracy"] = acc
         storage.write_bytes(info_uri, json.dumps(info).encode())  # last: marks the pair complete
-        print(f"{kind} extractor and reference statistics ready in {info['seconds']:.0f}s "
-              f"on {torch.get_num_threads()} threads", flush=True)
+        print(f"{kind} extractor and reference statistics ready in {info['seconds']:.0f}s", flush=True)
     if "rotation_accuracy" in info:
         print(f"extractor tells {info['rotation_accuracy']:.1%} of the test split's rotations apart (25% is chance)",
               flush=True)

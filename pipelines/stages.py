@@ -45,16 +45,11 @@ class Stage:
     placement groups that finished genpipe jobs left reserved
     (`ray_internals.free_placement_groups_of_finished_jobs`), so that its workers get the CPUs. A job
     submitted ahead of its turn does both while the stage in front of it runs."""
-    all_cores: bool = False
-    """Runs torch on every core of a local head (GENPIPE_STAGE_THREADS, set by `pipeline.run`) instead of
-    the one thread Ray gives a job that reserves no CPUs. Prepare's extractor fit then shares the cores
-    only with the next stage's job starting up (the cold smoke pipeline's prepare: 12.4-14.0 s -> 9.6-10.5
-    s); evaluate's sampling, beside register's job starting up, ran 0.3 s slower on two threads."""
 
 
 TABLE = {
     "prepare": Stage(module="pipelines.prepare", imports=("mlflow.tracking", "pipelines.data", "pipelines.metrics"),
-                     sections=("data", "extractor", "seed"), all_cores=True),
+                     sections=("data", "extractor", "seed")),
     "train": Stage(module="pipelines.train", imports=("ray.train.torch",), sections=("model", "train"), trains=True),
     "tune": Stage(module="pipelines.tune", imports=("mlflow.tracking", "ray.tune"),
                   sections=("model", "train", "tune"), trains=True),
@@ -127,10 +122,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for module in (*TABLE[a.stage].imports, TABLE[a.stage].module):
             importlib.import_module(module)
-        if TABLE[a.stage].all_cores and (threads := os.environ.get("GENPIPE_STAGE_THREADS")):
-            import torch
-
-            torch.set_num_threads(int(threads))
         if TABLE[a.stage].trains:
             _connect(importlib.import_module(TABLE[a.stage].module))
         ready_at = time.time()

@@ -3,8 +3,6 @@ MLflow on sqlite, storage on local disk. (A pipeline on S3 storage, moto's: test
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
@@ -23,8 +21,6 @@ def test_smoke_pipeline_local_then_cached_then_sampled(home, tmp_path):
     for k in ("fid", "kid", "is", "precision", "recall"):
         assert np.isfinite(out["metrics"][k]), k
     assert "[train] " in r.stderr and "step 60/60" in r.stderr  # progress reaches the user
-    # On a local head prepare fits the extractor on the machine's cores, not on the one Ray gives a job
-    assert "extractor for data" in r.stderr or f"on {len(os.sched_getaffinity(0))} threads" in r.stderr
 
     c = sqlite_client(home)
     for stage, run_id in out["runs"].items():
