@@ -18,6 +18,7 @@ def stage(job: StageJob) -> dict:
 
 def prepare(spec: PipelineSpec, root: str, run_id: str, tracking_uri: str) -> dict:
     """Source -> shards (content-hashed); extractor and reference statistics once per data hash."""
+    import torch
     from mlflow.entities import DatasetInput, InputTag
     from mlflow.tracking import MlflowClient
 
@@ -66,11 +67,13 @@ def prepare(spec: PipelineSpec, root: str, run_id: str, tracking_uri: str) -> di
         # test_accuracy (extractor/test_accuracy in MLflow) is a classifier's on the labels, or none; rotation's
         # accuracy only says whether it learned anything at all, so it is printed and kept apart
         info = {"test_accuracy": acc if kind == "classifier" else None, "extractor_sha256": storage.sha256(ext_bytes),
-                "reference_sha256": storage.sha256(ref_bytes), "seconds": time.perf_counter() - t0}
+                "reference_sha256": storage.sha256(ref_bytes), "seconds": time.perf_counter() - t0,
+                "threads": torch.get_num_threads()}
         if kind == "rotation":
             info["rotation_accuracy"] = acc
         storage.write_bytes(info_uri, json.dumps(info).encode())  # last: marks the pair complete
-        print(f"{kind} extractor and reference statistics ready in {info['seconds']:.0f}s", flush=True)
+        print(f"{kind} extractor and reference statistics ready in {info['seconds']:.0f}s on {info['threads']} "
+              "threads", flush=True)
     if "rotation_accuracy" in info:
         print(f"extractor tells {info['rotation_accuracy']:.1%} of the test split's rotations apart (25% is chance)",
               flush=True)

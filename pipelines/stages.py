@@ -45,11 +45,19 @@ class Stage:
     placement groups that finished genpipe jobs left reserved
     (`ray_internals.free_placement_groups_of_finished_jobs`), so that its workers get the CPUs. A job
     submitted ahead of its turn does both while the stage in front of it runs."""
+    all_cores: bool = False
+    """Runs torch on every core of a local head (GENPIPE_STAGE_THREADS, set by `pipeline.run`) instead of
+    the one thread Ray gives a job that reserves no CPUs, with OpenMP's threads sleeping when they wait
+    (OMP_WAIT_POLICY=PASSIVE). Prepare's extractor fit shares the cores with the next stage's job
+    starting up, or on a busy head with other pipelines: spinning threads then burned twice the CPU of one
+    thread and took twice as long, sleeping ones take the CPU of one thread (benchmarks/README.md,
+    "Prepare's threads"). Evaluate's sampling, beside register's job starting up, ran 0.3 s slower on two
+    threads: it keeps one."""
 
 
 TABLE = {
     "prepare": Stage(module="pipelines.prepare", imports=("mlflow.tracking", "pipelines.data", "pipelines.metrics"),
-                     sections=("data", "extractor", "seed")),
+                     sections=("data", "extractor", "seed"), all_cores=True),
     "train": Stage(module="pipelines.train", imports=("ray.train.torch",), sections=("model", "train"), trains=True),
     "tune": Stage(module="pipelines.tune", imports=("mlflow.tracking", "ray.tune"),
                   sections=("model", "train", "tune"), trains=True),
@@ -119,9 +127,16 @@ def main(argv: list[str] | None = None) -> int:
                                 "its arguments (--run-id, --key) when the stage before it has finished")
     argv = sys.argv[1:] if argv is None else argv
     a = p.parse_args(argv)
+    threads = TABLE[a.stage].all_cores and os.environ.get("GENPIPE_STAGE_THREADS")
+    if threads:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when torch loads OpenMP below
     try:
         for module in (*TABLE[a.stage].imports, TABLE[a.stage].module):
             importlib.import_module(module)
+        if threads:
+            import torch
+
+            torch.set_num_threads(int(threads))
         if TABLE[a.stage].trains:
             _connect(importlib.import_module(TABLE[a.stage].module))
         ready_at = time.time()

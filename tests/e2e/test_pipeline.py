@@ -3,6 +3,10 @@ MLflow on sqlite, storage on local disk. (A pipeline on S3 storage, moto's: test
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -21,6 +25,11 @@ def test_smoke_pipeline_local_then_cached_then_sampled(home, tmp_path):
     for k in ("fid", "kid", "is", "precision", "recall"):
         assert np.isfinite(out["metrics"][k]), k
     assert "[train] " in r.stderr and "step 60/60" in r.stderr  # progress reaches the user
+    # On a local head prepare fits the extractor on the machine's cores, not on the one Ray gives a job that
+    # reserves none (whichever of the session's pipelines fitted this one: every one runs on a local head)
+    prepared = json.loads((home["path"] / "storage/e2e-local/prepare/manifest.json").read_text())
+    info = Path(prepared["outputs"]["extractor"]["uri"]).with_name("extractor.json")
+    assert json.loads(info.read_text())["threads"] == len(os.sched_getaffinity(0))
 
     c = sqlite_client(home)
     for stage, run_id in out["runs"].items():
