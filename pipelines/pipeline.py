@@ -76,10 +76,8 @@ def run(spec: PipelineSpec, *, until: str = "register", address: str | None = No
     env = {"MLFLOW_TRACKING_URI": uri, "GENPIPE_HOME": str(tracking.genpipe_home())}
     if local:
         # Ray starts a job's driver with OMP_NUM_THREADS=1 when it reserves no CPUs, which a local head's
-        # stages do not (Train needs them): prepare fitted the extractor on one core of an idle machine.
-        # The stages that may take every core (Stage.all_cores) are told how many there are; their OpenMP
-        # threads sleep when they wait, so that on a head shared with other pipelines they cost no more CPU
-        # than one thread.
+        # stages do not (Train needs them): the stages that may take every core (Stage.all_cores) are told
+        # how many there are.
         env["GENPIPE_STAGE_THREADS"] = str(len(os.sched_getaffinity(0)))
     if os.environ.get("AWS_ENDPOINT_URL"):
         env["AWS_ENDPOINT_URL"] = os.environ["AWS_ENDPOINT_URL"]

@@ -49,9 +49,9 @@ class Stage:
     """Runs torch on every core of a local head (GENPIPE_STAGE_THREADS, set by `pipeline.run`) instead of
     the one thread Ray gives a job that reserves no CPUs, with OpenMP's threads sleeping when they wait
     (OMP_WAIT_POLICY=PASSIVE). Prepare's extractor fit shares the cores with the next stage's job
-    starting up, or on a busy head with other pipelines: spinning threads then burned twice the CPU of one
-    thread and took twice as long, sleeping ones take the CPU of one thread (benchmarks/README.md,
-    "Prepare's threads"). Evaluate's sampling, beside register's job starting up, ran 0.3 s slower on two
+    starting up, or on a busy head with other pipelines: beside a busy core, spinning threads burned 2.7
+    times the CPU of one thread and took twice as long, sleeping ones about the CPU of one thread
+    (benchmarks/README.md, "Prepare's threads"). Evaluate's sampling, beside register's job starting up, ran 0.3 s slower on two
     threads: it keeps one."""
 
 
