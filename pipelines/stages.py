@@ -51,8 +51,8 @@ class Stage:
     (OMP_WAIT_POLICY=PASSIVE). Prepare's extractor fit shares the cores with the next stage's job
     starting up, or on a busy head with other pipelines: beside a busy core, spinning threads burned 2.7
     times the CPU of one thread and took twice as long, sleeping ones about the CPU of one thread
-    (benchmarks/README.md, "Prepare's threads"). Evaluate's sampling, beside register's job starting up, ran 0.3 s slower on two
-    threads: it keeps one."""
+    (benchmarks/README.md, "Prepare's threads"). Evaluate's sampling, beside register's job starting up,
+    ran 0.3 s slower on two threads: it keeps one."""
 
 
 TABLE = {
