@@ -13,10 +13,8 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import psutil
@@ -32,7 +30,9 @@ from tests.realparts import (
     ray_api,
     reserved_placement_groups,
     start,
+    start_mlflow_server,
     train_workers,
+    wait_mlflow,
 )
 
 pytestmark = pytest.mark.integration
@@ -284,21 +284,6 @@ def test_a_killed_worker_then_a_hung_collective_each_restart_from_the_latest_che
     _assert_every_step_once(_sqlite(home), name)
 
 
-def _mlflow_server(db: Path, artifacts: Path, port: int) -> subprocess.Popen:
-    mlflow = str(Path(sys.executable).with_name("mlflow"))
-    proc = subprocess.Popen([mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                             "--backend-store-uri", f"sqlite:///{db}", "--artifacts-destination", str(artifacts)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-            return proc
-        except OSError:
-            assert proc.poll() is None and time.time() < deadline, "mlflow server did not start"
-            time.sleep(0.3)
-
-
 def _stop(proc: subprocess.Popen) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -311,8 +296,8 @@ def test_mlflow_server_restart_during_training(home, tmp_path):
     name = "fault-mlflow-restart"
     port = _free_port()
     db, artifacts = tmp_path / "mlflow.db", tmp_path / "artifacts"
-    server = _mlflow_server(db, artifacts, port)
-    uri = f"http://127.0.0.1:{port}"
+    server = _mlflow_server(home, tmp_path, db, artifacts, port)
+    uri = server["url"]
     try:
         proc = _start_train(home, name, extra_env={"MLFLOW_TRACKING_URI": uri})
         c = MlflowClient(uri)
@@ -332,12 +317,12 @@ def test_mlflow_server_restart_during_training(home, tmp_path):
 
         reader = threading.Thread(target=read_stderr, daemon=True)
         reader.start()
-        _stop(server)  # SIGKILL: no graceful goodbye to in-flight requests
+        _stop(server["proc"])  # SIGKILL: no graceful goodbye to in-flight requests
         # The server stays away until Ray Train has committed the last step's checkpoint: training can only
         # get there if no report waits for MLflow. The reports since the outage wait in rank 0's queue.
         train_dir = home["path"] / "storage" / name / "train"
         _wait_for("training to finish without MLflow", lambda: committed_step(train_dir) == STEPS, proc)
-        server = _mlflow_server(db, artifacts, port)
+        server = _mlflow_server(home, tmp_path, db, artifacts, port)
         assert proc.wait(600) == 0, "".join(lines)[-4000:]
         reader.join(30)
         run = _train_run(c, name)
@@ -346,7 +331,14 @@ def test_mlflow_server_restart_during_training(home, tmp_path):
         assert sorted(m.step for m in history) == list(range(LOG_EVERY, STEPS + 1, LOG_EVERY))
         assert len(history) > logged_before  # some reports reached MLflow only after the restart
     finally:
-        _stop(server)
+        _stop(server["proc"])
+
+
+def _mlflow_server(home: dict, logs: Path, db: Path, artifacts: Path, port: int) -> dict:
+    server = start_mlflow_server(logs, backend_uri=f"sqlite:///{db}", artifacts=str(artifacts), env=home["env"],
+                                 port=port)
+    wait_mlflow(server, timeout=120)
+    return server
 
 
 class _FlakyProxy:
