@@ -39,16 +39,16 @@ def _mlflow(home) -> MlflowClient:
 
 
 def test_interrupted_training_resumes_to_the_uninterrupted_result(home):
-    # Long enough to be still training when the signal lands after the first checkpoint (about 23 s of
-    # steps on the project's 2-core VM).
-    sets = ["train.steps=1000", "train.checkpoint_every=100", "train.log_every=50"]
+    # Long enough to be still training when the signal lands after the first checkpoint: 400 steps to go,
+    # about 9 s on the project's 2-core VM, where the stop took the workers less than 50 steps past it.
+    sets = ["train.steps=500", "train.checkpoint_every=100", "train.log_every=50"]
     _train(home, "resume-ref", *sets)
     # The uninterrupted run's two DDP ranks held the same weights at every checkpoint (rank 0 logs the
     # largest difference between them), and each worker's memory was measured there too.
     c = _mlflow(home)
     (run,) = c.search_runs([c.get_experiment_by_name("resume-ref").experiment_id],
                            filter_string="attributes.run_name = 'resume-ref/train'")
-    checkpoints = list(range(100, 1001, 100))
+    checkpoints = list(range(100, 501, 100))
     spread = c.get_metric_history(run.info.run_id, "train/rank_param_spread")
     assert [m.step for m in spread] == checkpoints and all(m.value == 0.0 for m in spread)
     peak = c.get_metric_history(run.info.run_id, "train/peak_mem_mib")
@@ -75,9 +75,9 @@ def test_interrupted_training_resumes_to_the_uninterrupted_result(home):
     r = _train(home, "resume-cut", *sets)
     assert "resuming from step" in r.stderr
     resumed_at = int(r.stderr.split("resuming from step ")[1].split()[0])
-    assert 0 < resumed_at < 1000
+    assert 0 < resumed_at < 500
     meta = json.loads((_final_checkpoint(home, "resume-cut") / "meta.json").read_text())
-    assert meta["step"] == 1000
+    assert meta["step"] == 500
     ref = load_file(_final_checkpoint(home, "resume-ref") / "model.safetensors")
     cut = load_file(_final_checkpoint(home, "resume-cut") / "model.safetensors")
     for k in ref:
