@@ -11,7 +11,10 @@ serve() {  # a server on a fresh sqlite database; prints the seconds to /health;
   setsid .venv/bin/mlflow server --host 127.0.0.1 --port "$port" --workers 1 --backend-store-uri "sqlite:///$d/db.sqlite" \
     --artifacts-destination "$d/a" > "$d/log" 2>&1 &
   pid=$!
-  until curl -sf "127.0.0.1:$port/health" > /dev/null; do sleep 0.2; done
+  until curl -sf "127.0.0.1:$port/health" > /dev/null; do
+    kill -0 "$pid" 2> /dev/null || { echo "mlflow server exited:"; tail -20 "$d/log"; return 1; }
+    sleep 0.2
+  done
   echo "health after $(echo "$(date +%s.%N) - $t0" | bc) s"
   sleep 30; kill -TERM -- -"$pid"; sleep 3; kill -KILL -- -"$pid" 2> /dev/null; rm -rf "$d"
 }

@@ -122,9 +122,7 @@ def cmd_ui(a: argparse.Namespace) -> int:
     cmd = [str(Path(sys.executable).with_name("mlflow")), "ui", "--backend-store-uri", uri,
            "--host", a.host, "--port", str(a.port)]
     print(f"MLflow UI on http://{a.host}:{a.port} (tracking {uri})", file=sys.stderr, flush=True)
-    # MLflow's job execution serves GenAI jobs, which genpipe has none of, from seven worker processes that
-    # each import MLflow: without them the UI starts on a fifth of the CPU. A user's own setting wins.
-    return subprocess.call(cmd, env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ})
+    return subprocess.call(cmd, env={**tracking.SERVER_ENV, **os.environ})  # a user's own setting wins
 
 
 def parser() -> argparse.ArgumentParser:

@@ -22,6 +22,11 @@ if TYPE_CHECKING:  # MLflow is imported where it is used: the CLI starts a Ray h
     from mlflow.tracking import MlflowClient
 
 KEY_TAG = "genpipe.key"
+# The environment genpipe starts an MLflow server in (`genpipe ui`, the tests' servers; infra/k8s/mlflow.yaml
+# sets the same). MLflow's job execution serves GenAI jobs, which genpipe has none of, from seven huey
+# consumers that each import MLflow: a server's start and 30 s idle took 31 CPU-seconds with them and 7
+# without (benchmarks/mlflow_server_cpu.sh).
+SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
 def genpipe_home() -> Path:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from pipelines import tracking
 from pipelines.cluster import free_port as _free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -397,11 +398,8 @@ def start_mlflow_server(logs: Path, *, backend_uri: str, artifacts: str, env: di
     """`mlflow server` on 127.0.0.1 (a free port); returns {url, port, proc, log}: wait_mlflow, _stop_group."""
     port = port or _free_port()
     log = logs / f"mlflow-{port}.log"
-    # MLflow's job execution (GenAI jobs, which genpipe has none of) starts seven huey consumers, each
-    # importing MLflow: 31 CPU-seconds for a server's start and 30 s idle, against 7 without them.
-    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **env,
-           "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"}  # uvicorn: PATH
-    with open(log, "wb") as out:
+    env = {**tracking.SERVER_ENV, **env, "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"}  # uvicorn: PATH
+    with open(log, "ab") as out:  # a server restarted on its port (a fault test) keeps the first one's log
         proc = subprocess.Popen([str(Path(VENV_BIN) / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
                                  "--backend-store-uri", backend_uri, "--artifacts-destination", artifacts,
                                  "--workers", "1", *args], env=env,

@@ -580,6 +580,7 @@ def test_mlflow_runs_with_basic_auth_and_the_ray_pods_log_in(tmp_path, monkeypat
     assert auth.default_permission == "READ"
     server = env(mlflow_container())
     assert secret_ref(server["MLFLOW_FLASK_SERVER_SECRET_KEY"])
+    assert {k: server[k]["value"] for k in tracking.SERVER_ENV} == tracking.SERVER_ENV  # as `genpipe ui` runs it
     for where, container in node_containers():  # the submitter only runs `ray job submit`
         e = env(container)
         assert secret_ref(e["MLFLOW_TRACKING_USERNAME"]) == secret_ref(server["MLFLOW_AUTH_ADMIN_USERNAME"]), where
