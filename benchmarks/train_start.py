@@ -35,6 +35,8 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--trainer", choices=("stage", "trial", "stock"), default="stage",
                    help="the train stage's TorchTrainer, a search trial's, or Train's own with every default callback")
+    p.add_argument("--ray-torch-config", action="store_true",
+                   help="Ray's TorchConfig (the controller imports torch), not genpipe's (pipelines/torch_backend.py)")
     a = p.parse_args()
     home = Path(tempfile.mkdtemp(prefix="genpipe-bench-"))
     os.environ["GENPIPE_HOME"] = str(home)
@@ -63,16 +65,21 @@ def main() -> None:
             if ray.train.get_context().get_world_rank() == 0:
                 Path(config["marks"]).write_text(json.dumps([started, time.time()]))
 
+        from pipelines import torch_backend
+
+        torch_config = (ray.train.torch.TorchConfig if a.ray_torch_config else torch_backend.TorchConfig)(
+            backend="gloo", timeout_s=1800)
         trainer = (TorchTrainer if a.trainer == "stock"
                    else functools.partial(ray_internals.torch_trainer, in_search=a.trainer == "trial"))
         for i in range(a.runs):
             t0, cpu0 = time.time(), busy_cpu_s()
-            trainer(train_loop_per_worker=train_fn, train_loop_config={"marks": str(marks)},
+            trainer(train_loop_per_worker=train_fn, train_loop_config={"marks": str(marks)}, torch_config=torch_config,
                     scaling_config=ScalingConfig(num_workers=a.workers),
                     run_config=RunConfig(name=f"probe-{i}", storage_path=str(home / "runs"))).fit()
             t1, cpu1 = time.time(), busy_cpu_s()
             started, reported = json.loads(marks.read_text())
-            print(json.dumps({"benchmark": "train_start", "trainer": a.trainer, "run": i, "workers": a.workers,
+            print(json.dumps({"benchmark": "train_start", "trainer": a.trainer,
+                              "torch_config": "ray" if a.ray_torch_config else "genpipe", "run": i, "workers": a.workers,
                               "fit_s": round(t1 - t0, 2), "to_train_fn_s": round(started - t0, 2),
                               "after_report_s": round(t1 - reported, 2), "cpu_s": round(cpu1 - cpu0, 1)}), flush=True)
     finally:

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from gen_models import registry
 from gen_models.base import GenerativeModel, StepContext
-from pipelines import checkpoints, ray_internals, storage, tracking
+from pipelines import checkpoints, ray_internals, storage, torch_backend, tracking
 from pipelines import data as datasets
 from pipelines.config import PipelineSpec
 from pipelines.errors import InvalidInput
@@ -262,7 +262,6 @@ def run(spec: PipelineSpec, data_manifest: dict, *, run_id: str, tracking_uri: s
     rank 0 at every report) and `start_from` (a checkpoint to begin at).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig
 
     ray_internals.poll_train_workers_often()
     ray_internals.time_out_train_barriers(spec.train.collective_timeout_s)
@@ -272,8 +271,8 @@ def run(spec: PipelineSpec, data_manifest: dict, *, run_id: str, tracking_uri: s
         train_loop_per_worker=train_loop,
         train_loop_config={"spec": spec.to_dict(), "data": data_manifest, "run_id": run_id,
                            "tracking_uri": tracking_uri, "validate": validate, "start_from": start_from},
-        torch_config=TorchConfig(backend="nccl" if spec.train.use_gpu else "gloo",
-                                 timeout_s=spec.train.collective_timeout_s),
+        torch_config=torch_backend.TorchConfig(backend="nccl" if spec.train.use_gpu else "gloo",
+                                               timeout_s=spec.train.collective_timeout_s),
         scaling_config=ScalingConfig(num_workers=spec.train.num_workers, use_gpu=spec.train.use_gpu,
                                      resources_per_worker={"CPU": spec.train.cpus_per_worker}),
         run_config=RunConfig(
