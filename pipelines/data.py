@@ -357,25 +357,6 @@ def _image_folder(d: DataSpec, out_uri: str, parallel: bool) -> dict:
                        "files": len(labels), "bad": len(bad), "bad_first": bad[:20]}}
 
 
-def lineage(manifest: dict):
-    """The MLflow dataset entity of a prepared manifest: the source URI (where the images came from, not
-    the shards), the data version as digest, and a profile with the counts, size and channels that
-    `genpipe models show` prints."""
-    from mlflow.entities import Dataset
-
-    src = manifest["source"]
-    uri = src["uri"]
-    kind = "s3" if storage.is_s3(uri) else "local" if uri.startswith("/") else "code"  # code: sklearn's digits
-    c, size, _ = manifest["shape"]
-    profile = {"images": sum(s["count"] for s in manifest["splits"].values()),
-               "splits": {k: s["count"] for k, s in manifest["splits"].items()},
-               "image_size": size, "channels": c, "num_classes": manifest["num_classes"],
-               "labels": src["labels"], **({"bad_images_skipped": src["bad"]} if "bad" in src else {})}
-    name = src["kind"] if src["kind"] != "image_folder" else f"image_folder:{uri.rstrip('/').rsplit('/', 1)[-1]}"
-    return Dataset(name=name, digest=manifest["data_hash"][:32], source_type=kind, source=json.dumps({"uri": uri}),
-                   profile=json.dumps(profile))
-
-
 def _decode_in_order(files: Iterable[list[bytes | str]], size: int, channels: int,
                      parallel: bool) -> Iterator[list[np.ndarray | str]]:
     """decode_batch over the batches, results in the batches' order. In parallel: one Ray task per batch,

@@ -137,9 +137,11 @@ def run(spec: PipelineSpec, *, until: str = "register", address: str | None = No
                         cluster.run(stage, args(i), ["--run-id", run_id, "--key", key],
                                     key=key, stage_dir=dirs[i], env=env, ahead=ahead(i + 1),
                                     **entrypoint_resources(spec, stage, local=local))
-                    done = _read_manifest(manifests[i])
-                    if not done or done["key"] != key:
-                        raise RuntimeError(f"stage {stage} finished without writing {manifests[i]}")
+                        done = _read_manifest(manifests[i])
+                        if not done or done["key"] != key:
+                            raise RuntimeError(f"stage {stage} finished without writing {manifests[i]}")
+                        if stage == "prepare":
+                            tracking.log_prepared(c, run_id, done["outputs"])
                     if stage == "prepare":
                         storage.write_bytes(_prepared_uri(root, key), json.dumps(done, indent=2).encode())
                 runs[stage] = done["run_id"]
@@ -193,17 +195,13 @@ def _reuse_prepared(c, exp: str, parent: str, name: str, key: str, root: str, ma
     if shared is None:
         return None
     try:
-        source = c.get_run(shared["run_id"])
+        c.get_run(shared["run_id"])
     except MlflowException:
         return None
     run_id = tracking.open_run(c, exp, name=f"{name}/prepare", key=key, parent_id=parent,
                                tags={"genpipe.prepared_by": shared["run_id"]})
     with tracking.run_status(c, run_id):
-        c.set_tag(run_id, "genpipe.data_hash", shared["outputs"]["data"]["data_hash"])
-        if (accuracy := shared["outputs"]["extractor"]["test_accuracy"]) is not None:
-            c.log_metric(run_id, "extractor/test_accuracy", accuracy)
-        if source.inputs and source.inputs.dataset_inputs:
-            c.log_inputs(run_id, source.inputs.dataset_inputs)
+        tracking.log_prepared(c, run_id, shared["outputs"])
     done = {k: v for k, v in shared.items() if k != "timing"} | {"run_id": run_id, "prepared_by": shared["run_id"]}
     storage.write_bytes(manifest_uri, json.dumps(done, indent=2).encode())
     return done

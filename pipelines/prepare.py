@@ -13,14 +13,13 @@ from pipelines.stages import StageJob
 
 
 def stage(job: StageJob) -> dict:
-    return prepare(job.spec, job.root, job.run_id, job.tracking_uri)
+    return prepare(job.spec, job.root)
 
 
-def prepare(spec: PipelineSpec, root: str, run_id: str, tracking_uri: str) -> dict:
-    """Source -> shards (content-hashed); extractor and reference statistics once per data hash."""
+def prepare(spec: PipelineSpec, root: str) -> dict:
+    """Source -> shards (content-hashed); extractor and reference statistics once per data hash. The driver
+    records the outputs in MLflow (`tracking.log_prepared`)."""
     import torch
-    from mlflow.entities import DatasetInput, InputTag
-    from mlflow.tracking import MlflowClient
 
     from pipelines import data as datasets
     from pipelines import metrics
@@ -80,14 +79,6 @@ def prepare(spec: PipelineSpec, root: str, run_id: str, tracking_uri: str) -> di
     if info["test_accuracy"] is not None:
         print(f"extractor test accuracy {info['test_accuracy']:.4f}", flush=True)
 
-    c = MlflowClient(tracking_uri)
-    if info["test_accuracy"] is not None:
-        c.log_metric(run_id, "extractor/test_accuracy", info["test_accuracy"])
-    c.set_tag(run_id, "genpipe.data_hash", data_hash)
-    if "bad" in manifest["source"]:
-        c.log_metric(run_id, "data/bad_images_skipped", manifest["source"]["bad"])
-    c.log_inputs(run_id, [DatasetInput(datasets.lineage(manifest), tags=[
-        InputTag("mlflow.data.context", "training"), InputTag("genpipe.shards", out)])])
     return {"data": manifest,
             "extractor": {"kind": kind, "uri": ext_uri, "sha256": info["extractor_sha256"],
                           "test_accuracy": info["test_accuracy"]},

@@ -56,7 +56,7 @@ class Stage:
 
 
 TABLE = {
-    "prepare": Stage(module="pipelines.prepare", imports=("mlflow.tracking", "pipelines.data", "pipelines.metrics"),
+    "prepare": Stage(module="pipelines.prepare", imports=("pipelines.data", "pipelines.metrics"),
                      sections=("data", "extractor", "seed"), all_cores=True),
     "train": Stage(module="pipelines.train", imports=("ray.train.torch",), sections=("model", "train"), trains=True),
     "tune": Stage(module="pipelines.tune", imports=("mlflow.tracking", "ray.tune"),

@@ -9,6 +9,7 @@ FAILED or KILLED on the way out.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import queue
 import signal
@@ -18,7 +19,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
+from pipelines import storage
+
 if TYPE_CHECKING:  # MLflow is imported where it is used: the CLI starts a Ray head before it pays for it
+    from mlflow.entities import Dataset
     from mlflow.tracking import MlflowClient
 
 KEY_TAG = "genpipe.key"
@@ -123,6 +127,43 @@ def open_run(c: MlflowClient, exp_id: str, *, name: str, key: str,
     if parent_id:
         all_tags["mlflow.parentRunId"] = parent_id
     return c.create_run(exp_id, run_name=name, tags=all_tags).info.run_id
+
+
+def log_prepared(c: MlflowClient, run_id: str, outputs: dict) -> None:
+    """Record a prepare stage's outputs in its run: the data hash, the extractor's test accuracy, the bad
+    files skipped, and the dataset as the run's input (`lineage`). The driver does it from the stage's
+    manifest, whether the stage's job ran or another pipeline's prepare is reused: the job itself then
+    needs no MLflow, whose import was a second of the first stage's start-up, in front of every pipeline."""
+    from mlflow.entities import DatasetInput, InputTag
+
+    data = outputs["data"]
+    c.set_tag(run_id, "genpipe.data_hash", data["data_hash"])
+    if (accuracy := outputs["extractor"]["test_accuracy"]) is not None:
+        c.log_metric(run_id, "extractor/test_accuracy", accuracy)
+    if "bad" in data["source"]:
+        c.log_metric(run_id, "data/bad_images_skipped", data["source"]["bad"])
+    shards = data["splits"]["train"]["shards"][0]["uri"].rsplit("/", 1)[0]  # the prepared data's directory
+    c.log_inputs(run_id, [DatasetInput(lineage(data), tags=[InputTag("mlflow.data.context", "training"),
+                                                            InputTag("genpipe.shards", shards)])])
+
+
+def lineage(manifest: dict) -> Dataset:
+    """The MLflow dataset entity of a prepared manifest: the source URI (where the images came from, not
+    the shards), the data version as digest, and a profile with the counts, size and channels that
+    `genpipe models show` prints."""
+    from mlflow.entities import Dataset
+
+    src = manifest["source"]
+    uri = src["uri"]
+    kind = "s3" if storage.is_s3(uri) else "local" if uri.startswith("/") else "code"  # code: sklearn's digits
+    c, size, _ = manifest["shape"]
+    profile = {"images": sum(s["count"] for s in manifest["splits"].values()),
+               "splits": {k: s["count"] for k, s in manifest["splits"].items()},
+               "image_size": size, "channels": c, "num_classes": manifest["num_classes"],
+               "labels": src["labels"], **({"bad_images_skipped": src["bad"]} if "bad" in src else {})}
+    name = src["kind"] if src["kind"] != "image_folder" else f"image_folder:{uri.rstrip('/').rsplit('/', 1)[-1]}"
+    return Dataset(name=name, digest=manifest["data_hash"][:32], source_type=kind, source=json.dumps({"uri": uri}),
+                   profile=json.dumps(profile))
 
 
 class Terminated(BaseException):

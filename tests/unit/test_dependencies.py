@@ -4,6 +4,7 @@ are the installed versions of what the served code imports, within pyproject's p
 from __future__ import annotations
 
 import ast
+import pickle
 import subprocess
 import sys
 import tomllib
@@ -91,3 +92,18 @@ def test_the_driver_checks_a_spec_without_importing_torch():
             "print(sorted(m for m in ('torch', 'torchvision', 'mlflow', 'ray.train') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_train_controllers_import_no_torch_and_prepare_jobs_no_mlflow():
+    # Train's controller unpickles the run's backend config and builds its backend: with Ray's own
+    # (ray.train.torch.config) every controller imported torch before it started a worker
+    # (pipelines/torch_backend.py). The prepare job leaves MLflow to the driver (tracking.log_prepared).
+    from pipelines import torch_backend
+
+    config = pickle.dumps(torch_backend.TorchConfig(backend="gloo", timeout_s=60)).hex()
+    code = ("import importlib, pickle, sys; from pipelines.stages import TABLE; "
+            f"pickle.loads(bytes.fromhex('{config}')).backend_cls(); torch = 'torch' in sys.modules; "
+            "[importlib.import_module(m) for m in (*TABLE['prepare'].imports, TABLE['prepare'].module)]; "
+            "print(torch, 'torch' in sys.modules, 'mlflow' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "True", "False"]
