@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from pipelines import images, storage, tracking
-from pipelines.cluster import Ahead, Cluster, resolve_address
+from pipelines.cluster import Ahead, Cluster, local_head_url, resolve_address
 from pipelines.cluster import target as cluster_target
 from pipelines.config import PipelineSpec
 from pipelines.errors import InvalidInput
@@ -113,8 +113,12 @@ def run(spec: PipelineSpec, *, until: str = "register", address: str | None = No
     head = pool.submit(connect)
     pool.shutdown(wait=False)
     try:
-        if given is not None:
-            head.result()  # a cluster named by --address must answer (and take the token) before any run exists
+        # A cluster named by --address must answer (and take the token) before any run exists. On a local
+        # head that is already up, the first stage's job goes in before MLflow's import starts here: the
+        # two share this process's GIL, and that job's start (its interpreter and imports, seconds) is
+        # what this driver would wait for.
+        if given is not None or local_head_url():
+            head.result()
         c = tracking.client()
         exp = tracking.experiment_id(c, spec.name, root)
         parent = tracking.open_run(c, exp, name=spec.name, key=spec.hash())
