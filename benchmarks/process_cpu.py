@@ -36,7 +36,10 @@ def kind(seen: list[str]) -> str:
     actors = [m.group(1) for n in seen if (m := re.match(r"ray::(\w+)", n)) and m.group(1) != "IDLE"]
     if actors:
         return f"ray::{actors[0]}"
-    return " ".join(Path(w).name for w in seen[0].split()[:3])[:60] or "?"
+    words = seen[0].split()
+    if words[1:3] == ["-m", "pipelines.stages"]:  # a stage job's process: by stage
+        return f"stage {words[3]}"
+    return " ".join(Path(w).name for w in words[:3])[:60] or "?"
 
 
 def main() -> None:
