@@ -117,12 +117,11 @@ def start_local_head(num_cpus: int | None = None, log=print) -> str:
 
 def local_head_url() -> str | None:
     """The dashboard URL of this home's local head, when one is up."""
-    state = _state_file()
-    if state.exists():
-        url = json.loads(state.read_text())["dashboard_url"]
-        if _alive(url):
-            return url
-    return None
+    try:
+        url = json.loads(_state_file().read_text())["dashboard_url"]
+    except (OSError, ValueError, KeyError):  # none, or being written or removed by another command
+        return None
+    return url if _alive(url) else None
 
 
 def _start_head(cpus: int, log) -> str:

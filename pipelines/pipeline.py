@@ -132,6 +132,8 @@ def run(spec: PipelineSpec, *, until: str = "register", address: str | None = No
                 done = _read_manifest(manifests[i])
                 if done and done["key"] == key:
                     echo(f"[{stage}] cached: {manifests[i]}")
+                    if stage == "prepare":  # its job may have finished after its driver was killed
+                        tracking.log_prepared(c, done["run_id"], done["outputs"])
                 elif stage == "prepare" and (done := _reuse_prepared(c, exp, parent, spec.name, key, root,
                                                                       manifests[i])):
                     echo(f"[{stage}] cached: prepared by run {done['prepared_by']} ({_prepared_uri(root, key)})")

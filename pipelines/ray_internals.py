@@ -2,7 +2,9 @@
 
 Everything here was checked against one Ray version, the one pyproject.toml pins:
 importing this module with another installed fails, so an upgrade starts by
-re-checking each item below (and deleting what the new version makes needless).
+re-checking each item below (and deleting what the new version makes needless), and
+`pipelines/torch_backend.py`, Train's torch backend rewritten so that its controller imports no
+torch, which imports this module for the same check.
 """
 
 from __future__ import annotations

@@ -56,6 +56,9 @@ def _set_master(addr: str, port: int) -> None:
 
 
 class _TorchBackend(Backend):
+    # As Ray's: the workers of a node all see the node's GPUs, so NCCL can use the links between them.
+    share_cuda_visible_devices = True
+
     def on_start(self, worker_group, backend_config: TorchConfig) -> None:
         from ray.train._internal.utils import get_address_and_port
 

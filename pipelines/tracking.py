@@ -130,21 +130,26 @@ def open_run(c: MlflowClient, exp_id: str, *, name: str, key: str,
 
 
 def log_prepared(c: MlflowClient, run_id: str, outputs: dict) -> None:
-    """Record a prepare stage's outputs in its run: the data hash, the extractor's test accuracy, the bad
-    files skipped, and the dataset as the run's input (`lineage`). The driver does it from the stage's
-    manifest, whether the stage's job ran or another pipeline's prepare is reused: the job itself then
-    needs no MLflow, whose import was a second of the first stage's start-up, in front of every pipeline."""
+    """Record a prepare stage's outputs in its run: the extractor's test accuracy, the bad files skipped,
+    the dataset as the run's input (`lineage`) and, last, the data hash. The driver does it from the
+    stage's manifest, whether the stage's job ran or another pipeline's prepare is reused: the job itself
+    then needs no MLflow, whose import was a second of the first stage's start-up, in front of every
+    pipeline. A run that has the data hash has the rest, and is left as it is: a driver killed after the
+    job wrote its manifest leaves the records to the re-run, which finds the stage cached and calls this."""
     from mlflow.entities import DatasetInput, InputTag
 
+    if "genpipe.data_hash" in c.get_run(run_id).data.tags:
+        return
     data = outputs["data"]
-    c.set_tag(run_id, "genpipe.data_hash", data["data_hash"])
     if (accuracy := outputs["extractor"]["test_accuracy"]) is not None:
         c.log_metric(run_id, "extractor/test_accuracy", accuracy)
     if "bad" in data["source"]:
         c.log_metric(run_id, "data/bad_images_skipped", data["source"]["bad"])
-    shards = data["splits"]["train"]["shards"][0]["uri"].rsplit("/", 1)[0]  # the prepared data's directory
+    # The prepared data's directory: where any of its shards is (a split can have none).
+    shards = next(sh["uri"] for split in data["splits"].values() for sh in split["shards"]).rsplit("/", 1)[0]
     c.log_inputs(run_id, [DatasetInput(lineage(data), tags=[InputTag("mlflow.data.context", "training"),
                                                             InputTag("genpipe.shards", shards)])])
+    c.set_tag(run_id, "genpipe.data_hash", data["data_hash"])
 
 
 def lineage(manifest: dict) -> Dataset:

@@ -91,6 +91,13 @@ def test_an_image_folder_on_s3_is_prepared_by_ray_tasks(home, tmp_path, monkeypa
     profile = json.loads(ds.profile)
     assert (profile["images"], profile["image_size"], profile["channels"], profile["bad_images_skipped"]) == \
         (79, 32, 3, 1)
+    # A driver killed after the job wrote its manifest and before it recorded the run (the job, not the
+    # driver, used to): the re-run finds the stage cached and records the run then, once.
+    c.delete_tag(manifest["run_id"], "genpipe.data_hash")
+    r = genpipe(home, "prepare", *base, "--set", "data.on_bad_image=skip")
+    assert r.returncode == 0 and "[prepare] cached" in r.stderr, r.stderr[-3000:]
+    run = c.get_run(manifest["run_id"])
+    assert run.data.tags["genpipe.data_hash"] == data["data_hash"] and len(run.inputs.dataset_inputs) == 1
     # what `genpipe models show` prints of a version whose lineage holds this prepare run
     n = data["splits"]
     assert _dataset_lines(c, manifest["run_id"]) == [
