@@ -7,6 +7,9 @@ or an S3 prefix; a shard's name carries its content hash, so a new version of
 the data never overwrites the shards an older manifest points to. The manifest
 records each shard's SHA-256 and one content hash over all splits, the data
 version that training, evaluation and the registry carry along.
+
+Torch is imported inside the functions that make tensors: the train stage's
+job, which imports no torch (pipelines/train.py), checks the shards here.
 """
 
 from __future__ import annotations
@@ -30,12 +33,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from pipelines import images, storage
 from pipelines.errors import InvalidInput
 
 if TYPE_CHECKING:
+    import torch
+
     from pipelines.config import DataSpec
 
 SOURCES = ("fashion_mnist", "mnist", "digits")  # the built-in sets; image_folder is the user's own
@@ -412,6 +416,8 @@ def load_split(manifest: dict, split: str, *, rank: int = 0, world_size: int = 1
     samples, so all DDP ranks run the same number of steps (the last
     count % world_size samples are dropped, as DistributedSampler(drop_last=True)
     does). Only the shards that overlap the slice are read."""
+    import torch
+
     if split not in manifest["splits"]:
         raise InvalidInput(f"split {split!r} not in manifest; it has {', '.join(manifest['splits'])}")
     if not 0 <= rank < world_size:
@@ -456,14 +462,26 @@ class ShardedImages:
     does, so StepBatches and the evaluation's batches take either.
     """
 
-    device = torch.device("cpu")  # where indices are built for it (StepBatches)
-    dtype = torch.uint8
+    @property
+    def device(self) -> torch.device:
+        """Where indices are built for it (StepBatches)."""
+        import torch
+
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        import torch
+
+        return torch.uint8
 
     @property
     def shape(self) -> tuple[int, ...]:
         return (len(self), *self.image_shape)
 
     def __init__(self, manifest: dict, split: str):
+        import torch
+
         if split not in manifest["splits"]:
             raise InvalidInput(f"split {split!r} not in manifest; it has {', '.join(manifest['splits'])}")
         self.image_shape = tuple(manifest["shape"])
@@ -485,6 +503,8 @@ class ShardedImages:
         return int(self.starts[-1])
 
     def __getitem__(self, idx: torch.Tensor | slice | int) -> torch.Tensor:
+        import torch
+
         if isinstance(idx, slice):
             idx = np.arange(*idx.indices(len(self)))
         elif np.ndim(idx) == 0:  # an int, numpy's or a 0-d tensor: one image, counted from the end if negative

@@ -132,8 +132,8 @@ def run(spec: PipelineSpec, *, until: str = "register", address: str | None = No
                 done = _read_manifest(manifests[i])
                 if done and done["key"] == key:
                     echo(f"[{stage}] cached: {manifests[i]}")
-                    if stage == "prepare":  # its job may have finished after its driver was killed
-                        tracking.log_prepared(c, done["run_id"], done["outputs"])
+                    if log := tracking.LOGGED_BY_THE_DRIVER.get(stage):  # its job may have ended after a killed
+                        log(c, done["run_id"], done["outputs"])          # driver's last look
                 elif stage == "prepare" and (done := _reuse_prepared(c, exp, parent, spec.name, key, root,
                                                                       manifests[i])):
                     echo(f"[{stage}] cached: prepared by run {done['prepared_by']} ({_prepared_uri(root, key)})")
@@ -146,8 +146,8 @@ def run(spec: PipelineSpec, *, until: str = "register", address: str | None = No
                         done = _read_manifest(manifests[i])
                         if not done or done["key"] != key:
                             raise RuntimeError(f"stage {stage} finished without writing {manifests[i]}")
-                        if stage == "prepare":
-                            tracking.log_prepared(c, run_id, done["outputs"])
+                        if log := tracking.LOGGED_BY_THE_DRIVER.get(stage):
+                            log(c, run_id, done["outputs"])
                     if stage == "prepare":
                         storage.write_bytes(_prepared_uri(root, key), json.dumps(done, indent=2).encode())
                 runs[stage] = done["run_id"]

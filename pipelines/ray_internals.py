@@ -139,11 +139,11 @@ def _remove(placement_group_ids: list[str]) -> None:
         remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
 
 
-def torch_trainer(*, in_search: bool, **kwargs):
-    """`TorchTrainer(**kwargs)` without two of Train's default callbacks that cost every run time and CPU
-    and do nothing for genpipe's. On a warm 2-core head, a 2-worker `fit()` of a function that only reports
-    took 10.3 s and 17.1 s of the machine's CPU with them, 8.0 s and 12.7 s without
-    (benchmarks/train_start.py: benchmarks/README.md#the-test-suite).
+def torch_trainer(*, in_search: bool, torch_config, **kwargs):
+    """`TorchTrainer(torch_config=torch_config, **kwargs)` without two of Train's default callbacks that cost
+    every run time and CPU and do nothing for genpipe's. On a warm 2-core head, a 2-worker `fit()` of a
+    function that only reports took 10.3 s and 17.1 s of the machine's CPU with them, 8.0 s and 12.7 s
+    without (benchmarks/train_start.py: benchmarks/README.md#the-test-suite).
 
     - DatasetsCallback, always: it starts a DatasetManager actor (a process importing Ray Data) and ships
       Ray Data's context to every worker, datasets or none. genpipe's workers read their own shards.
@@ -151,17 +151,21 @@ def torch_trainer(*, in_search: bool, **kwargs):
       every second whether the controller lives, to free the workers' placement group if it dies while
       `fit()`'s caller lives on. A train stage's caller is its job's driver, which fails with the
       controller, and Ray frees a finished job's placement groups. A search's trial is not: Tune goes on
-      after stopping it, so there the cleaner stays (with `free_placement_groups_left_by` for its gap)."""
-    from ray.train.torch import TorchTrainer
+      after stopping it, so there the cleaner stays (with `free_placement_groups_left_by` for its gap).
+
+    Built on `DataParallelTrainer`, which `TorchTrainer` only extends with a default torch config and a
+    local mode (no workers) that genpipe does not use: `ray.train.torch` imports torch, and the train
+    stage's job, a driver that only starts the run, need not (pipelines/train.py)."""
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import (
         PlacementGroupCleanerCallback,
     )
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
     unused = (DatasetsCallback,) if in_search else (DatasetsCallback, PlacementGroupCleanerCallback)
 
-    class Trainer(TorchTrainer):
+    class Trainer(DataParallelTrainer):
         def _create_default_callbacks(self) -> list:
             return [c for c in super()._create_default_callbacks() if not isinstance(c, unused)]
 
-    return Trainer(**kwargs)
+    return Trainer(backend_config=torch_config, **kwargs)

@@ -58,10 +58,11 @@ class Stage:
 TABLE = {
     "prepare": Stage(module="pipelines.prepare", imports=("pipelines.data", "pipelines.metrics"),
                      sections=("data", "extractor", "seed"), all_cores=True),
-    "train": Stage(module="pipelines.train", imports=("ray.train.torch",), sections=("model", "train"), trains=True),
+    "train": Stage(module="pipelines.train", imports=("ray.train.v2.api.data_parallel_trainer",),
+                   sections=("model", "train"), trains=True),
     "tune": Stage(module="pipelines.tune", imports=("mlflow.tracking", "ray.tune"),
                   sections=("model", "train", "tune"), trains=True),
-    "evaluate": Stage(module="pipelines.evaluate", imports=("mlflow.tracking",), sections=("evaluate",)),
+    "evaluate": Stage(module="pipelines.evaluate", sections=("evaluate",)),
     "register": Stage(module="pipelines.register", imports=("mlflow", "mlflow.tracking"), sections=("registry",)),
 }
 STAGES = ("prepare", "train", "evaluate", "register")

@@ -4,7 +4,7 @@ Where training stands is one integer. The global batch at a step is a function
 of (seed, step) and its randomness of (seed, rank, step), reseeded every step,
 so a run resumed at step k continues exactly as the uninterrupted run would have,
 with no RNG state to save, and 2 workers x b take the same steps as 1 x 2b. The
-train stage (`pipelines.train`) runs this loop on every Ray Train worker; the
+train stage runs this loop on every Ray Train worker (`pipelines.worker`); the
 benchmarks and tests run it bare.
 """
 

@@ -43,11 +43,17 @@ def test_smoke_pipeline_local_then_cached_then_sampled(home, tmp_path):
     assert str(champion.version) == "1" and champion.tags["family"] == "dcgan"
     assert str(c.get_model_version_by_alias("smoke-dcgan", "challenger").version) == "1"
 
+    # The driver logs what evaluate measured from its manifest (the job imports no MLflow). A driver killed
+    # after the job wrote it left a run without those records: the re-run, finding the stage cached, writes them.
+    evaluated = c.get_run(out["runs"]["evaluate"]).data
+    assert evaluated.tags["genpipe.eval_num_samples"] == "300" and evaluated.metrics["eval/fid"] == out["metrics"]["fid"]
+    c.delete_tag(out["runs"]["evaluate"], "genpipe.sampler")
     again = genpipe(home, *args)
     assert again.returncode == 0, again.stderr[-3000:]
     assert last_json(again.stdout)["version"] == 1
     for stage in ("prepare", "train", "evaluate", "register"):
         assert f"[{stage}] cached" in again.stderr
+    assert c.get_run(out["runs"]["evaluate"]).data.tags["genpipe.sampler"] == evaluated.tags["genpipe.sampler"]
 
     npy, png = tmp_path / "s.npy", tmp_path / "grid.png"
     r = genpipe(home, "sample", "models:/smoke-dcgan@champion", "-n", "16", "--out", str(npy))

@@ -94,21 +94,37 @@ def test_the_driver_checks_a_spec_without_importing_torch():
     assert out.strip() == "[]"
 
 
-def test_train_controllers_import_no_torch_and_prepare_jobs_no_mlflow():
+def test_train_controllers_and_jobs_import_no_torch_and_prepare_and_evaluate_jobs_no_mlflow():
     # Train's controller unpickles the run's backend config and builds its backend: with Ray's own
     # (ray.train.torch.config) every controller imported torch before it started a worker
-    # (pipelines/torch_backend.py). The prepare job leaves MLflow to the driver (tracking.log_prepared).
+    # (pipelines/torch_backend.py). The train job only starts the run: the workers import torch
+    # (pipelines/worker.py), and the trainer it builds is not `TorchTrainer`, whose module imports torch.
+    # The prepare and evaluate jobs leave MLflow to the driver (tracking.LOGGED_BY_THE_DRIVER).
     from pipelines import torch_backend
 
     config = pickle.dumps(torch_backend.TorchConfig(backend="gloo", timeout_s=60)).hex()
-    code = ("import importlib, pickle, sys; from pipelines.stages import TABLE; "
-            f"pickle.loads(bytes.fromhex('{config}')).backend_cls(); torch = 'torch' in sys.modules; "
-            "[importlib.import_module(m) for m in (*TABLE['prepare'].imports, TABLE['prepare'].module)]; "
-            "print(torch, 'mlflow' in sys.modules)")
+    code = f"""import importlib, pickle, sys
+from pipelines.stages import TABLE
+def stage(name):
+    for m in (*TABLE[name].imports, TABLE[name].module):
+        importlib.import_module(m)
+pickle.loads(bytes.fromhex('{config}')).backend_cls()
+controller = 'torch' in sys.modules
+stage('train')
+from ray.train import RunConfig, ScalingConfig
+from pipelines import ray_internals, train
+ray_internals.torch_trainer(in_search=False, train_loop_per_worker=train.train_loop,
+                            torch_config=pickle.loads(bytes.fromhex('{config}')),
+                            scaling_config=ScalingConfig(num_workers=1), run_config=RunConfig(name='probe'))
+train_job = 'torch' in sys.modules
+stage('prepare')
+stage('evaluate')
+print(controller, train_job, 'mlflow' in sys.modules)"""
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["False", "False"]
-    # nor inside a function, where the prepare stage had imported it
-    assert [m for m in ("prepare", "data", "metrics") if "mlflow" in (ROOT / "pipelines" / f"{m}.py").read_text()] == []
+    assert out.split() == ["False", "False", "False"]
+    # nor inside a function, where the prepare and evaluate stages had imported it
+    assert [m for m in ("prepare", "data", "metrics", "evaluate", "checkpoints")
+            if "mlflow" in (ROOT / "pipelines" / f"{m}.py").read_text()] == []
 
 
 def test_genpipe_torch_config_keeps_rays_settings():
