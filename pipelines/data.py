@@ -463,19 +463,6 @@ class ShardedImages:
     """
 
     @property
-    def device(self) -> torch.device:
-        """Where indices are built for it (StepBatches)."""
-        import torch
-
-        return torch.device("cpu")
-
-    @property
-    def dtype(self) -> torch.dtype:
-        import torch
-
-        return torch.uint8
-
-    @property
     def shape(self) -> tuple[int, ...]:
         return (len(self), *self.image_shape)
 
@@ -484,6 +471,8 @@ class ShardedImages:
 
         if split not in manifest["splits"]:
             raise InvalidInput(f"split {split!r} not in manifest; it has {', '.join(manifest['splits'])}")
+        self.device = torch.device("cpu")  # where indices are built for it (StepBatches)
+        self.dtype = torch.uint8
         self.image_shape = tuple(manifest["shape"])
         self.item = int(np.prod(self.image_shape))
         self.files, self.x_offsets, labels = [], [], []

@@ -132,8 +132,9 @@ def run(spec: PipelineSpec, *, until: str = "register", address: str | None = No
                 done = _read_manifest(manifests[i])
                 if done and done["key"] == key:
                     echo(f"[{stage}] cached: {manifests[i]}")
-                    if log := tracking.LOGGED_BY_THE_DRIVER.get(stage):  # its job may have ended after a killed
-                        log(c, done["run_id"], done["outputs"])          # driver's last look
+                    # its job may have ended after a killed driver's last look: the records, if not yet there
+                    if log := tracking.LOGGED_BY_THE_DRIVER.get(stage):
+                        log(c, done["run_id"], done["outputs"])
                 elif stage == "prepare" and (done := _reuse_prepared(c, exp, parent, spec.name, key, root,
                                                                       manifests[i])):
                     echo(f"[{stage}] cached: prepared by run {done['prepared_by']} ({_prepared_uri(root, key)})")

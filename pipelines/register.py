@@ -15,7 +15,7 @@ import tempfile
 from importlib.metadata import version
 from pathlib import Path
 
-from pipelines import checkpoints, storage
+from pipelines import checkpoints, storage, tracking
 from pipelines.config import PipelineSpec, parse_gate
 from pipelines.errors import GateFailed, InvalidInput
 from pipelines.stages import StageJob, code_version
@@ -137,7 +137,7 @@ def run(spec: PipelineSpec, prepared: dict, trained: dict, evaluated: dict, *, r
         "family": spec.model.family, "data_source": spec.data.source, "data_hash": prepared["data"]["data_hash"],
         "config_hash": spec.hash("model", "train", "seed"), "code_version": code_version,
         "train_steps": str(spec.train.steps), "primary_metric": metric,
-        **{k: evaluated[k] for k in (*FEATURE_TERMS, "sampler", "bits_per_dim_kind") if k in evaluated},
+        **{k: evaluated[k] for k in tracking.EVAL_TAGS if k in evaluated},
         **{f"lineage.{stage}": rid for stage, rid in runs.items()},
         **{f"metric.{k}": f"{v:.6g}" for k, v in evaluated["metrics"].items()},
     }
