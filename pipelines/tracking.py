@@ -268,7 +268,8 @@ def _terminate(c: MlflowClient, run_id: str, status: int) -> None:
 
 
 class MetricLogger:
-    """Rank 0's metric log into the train stage's MLflow run (run status stays the driver's).
+    """A training run's metric log into its MLflow run (run status stays the driver's): rank 0's in a
+    train stage, the trial actor's in a search (pipelines/tune.py).
 
     A thread of its own imports MLflow, then sends each report, so training never waits on
     MLflow, from its first step on (the import alone is 4 s of a cold start): when the server

@@ -42,12 +42,13 @@ def stage(job: StageJob) -> dict:
                               name=f"{job.spec.name}-{job.key}")}
 
 
-def run(spec: PipelineSpec, data_manifest: dict, *, run_id: str, tracking_uri: str,
+def run(spec: PipelineSpec, data_manifest: dict, *, run_id: str | None, tracking_uri: str | None,
         storage_path: str, name: str, callbacks: list | None = None, validate=None, start_from=None) -> str:
     """Fit with Ray Train; return the URI of the final checkpoint directory.
 
-    A tune trial adds `callbacks` (its reports go on to Tune), `validate` (model -> metrics, run by
-    rank 0 at every report) and `start_from` (a checkpoint to begin at).
+    Rank 0 logs the reports into the MLflow run `run_id`. A tune trial passes no run id (it logs the
+    reports it hands to Tune itself) and adds `callbacks` (its reports go on to Tune), `validate`
+    (model -> metrics, run by rank 0 at every report) and `start_from` (a checkpoint to begin at).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 

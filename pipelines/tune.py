@@ -16,8 +16,9 @@ not a function trainable: its `cleanup` may wait for the Train run to end
 (a function trainable's is Tune's own, and does not wait).
 
 MLflow: the stage's run is the parent of the search; each trial opens its
-own child run (found again by trial id on resume), which the driver's
-callback closes when Tune says the trial ended.
+own child run (found again by trial id on resume) and logs into it the
+reports it hands to Tune (its Train run's workers log nothing, nor import
+MLflow); the driver's callback closes it when Tune says the trial ended.
 """
 
 from __future__ import annotations
@@ -157,7 +158,7 @@ class Trial(tune.Trainable):
         # Train keeps one checkpoint: Tune keeps the trial's history of them.
         self.spec = self.base.with_overrides({**config, "train.log_every": every, "train.checkpoint_every": every,
                                               "train.num_to_keep": 1})
-        self.prepared, self.tracking_uri, self.storage_path = prepared, tracking_uri, storage_path
+        self.prepared, self.storage_path = prepared, storage_path
         self.mlflow = MlflowClient(tracking_uri)
         self.run_id = tracking.open_run(self.mlflow, self.mlflow.get_run(parent_run).info.experiment_id,
                                         name=f"{self.base.name}/tune/{self.trial_id}", key=f"{key}/{self.trial_id}",
@@ -165,6 +166,10 @@ class Trial(tune.Trainable):
         if not self.mlflow.get_run(self.run_id).data.params:  # params are immutable: the values it started with
             self.mlflow.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in config.items()])
         self.mlflow.set_tag(self.run_id, "genpipe.trial_config", json.dumps(config))  # the values now
+        # The reports Tune takes, and no other: a stopped or paused trial's run ends at the report Tune
+        # decided on. A resumed search re-runs a trial from the checkpoint Tune last recorded, which may
+        # be older than the report it last took: what MLflow has already is not logged twice.
+        self.logger = tracking.MetricLogger(tracking_uri, self.run_id, skip_logged=True)
         self.reports, self.pace = Queue(actor_options={"num_cpus": 0}), Queue(actor_options={"num_cpus": 0})
         self.start: dict[str, bytes] | None = None
         self.origin = "start"
@@ -208,11 +213,13 @@ class Trial(tune.Trainable):
         if item is None:
             raise self.failure or StageFailed(f"trial {self.trial_id}: its run ended early")
         metrics, self.last = item
+        self.logger.log(metrics, metrics["step"])
+        self.logger.flush()  # Tune may stop the trial at this report: MLflow must have it by then
         return {**metrics, "should_checkpoint": True, "done": metrics["step"] >= self.spec.train.steps}
 
     def _fit(self) -> None:
         try:
-            train.run(self.spec, self.prepared["data"], run_id=self.run_id, tracking_uri=self.tracking_uri,
+            train.run(self.spec, self.prepared["data"], run_id=None, tracking_uri=None,
                       storage_path=storage.join(self.storage_path, "trials"), name=f"{self.trial_id}-{self.origin}",
                       callbacks=[_forward_reports(self.reports)], start_from=self.start,
                       validate=Validation(self.prepared, objective(self.base)[0], self.base.tune.eval_samples,
@@ -230,6 +237,7 @@ class Trial(tune.Trainable):
         if self.fit is not None:
             self.pace.put(STOP)
             self.fit.join(timeout=STOP_TIMEOUT_S)
+        self.logger.close()
 
 
 def _exists(fs, path: str) -> bool:

@@ -4,8 +4,10 @@ Each worker reads its images of each batch from the training split's shards
 (`data.ShardedImages`: nothing but the labels in memory) and runs the
 step-indexed loop of `pipelines.steps`, so where training stands is one
 integer and a run resumed from a checkpoint at step k continues exactly as
-the uninterrupted run would have. Rank 0 logs to MLflow through
-`tracking.MetricLogger`. Checkpoints hold the weights (safetensors),
+the uninterrupted run would have. In a train stage rank 0 logs to MLflow
+through `tracking.MetricLogger`; a search trial's actor logs the reports it
+hands to Tune (pipelines/tune.py), so MLflow holds what Tune took, and the
+workers never import MLflow. Checkpoints hold the weights (safetensors),
 optimizer states and the step; Ray Train writes them atomically to storage,
 keeps `num_to_keep`, and hands the latest back to a re-run with the same
 name (and to workers restarted after a failure).
@@ -154,13 +156,15 @@ def train_loop(cfg: dict[str, Any]) -> None:
 
     batches = StepBatches(x, x.y, global_batch=spec.train.batch_size, seed=spec.seed, rank=rank, world=world,
                           memory_format=memory_format)
-    # A restart recomputes, bit for bit, the steps between its checkpoint and the failure: those already
-    # in MLflow are not logged twice.
-    logger = tracking.MetricLogger(cfg["tracking_uri"], cfg["run_id"], skip_logged=bool(restarted)) if rank == 0 else None
-    nodes = [None] * world
-    dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
-    if logger:
-        logger.tag("genpipe.train_nodes", json.dumps(nodes))
+    logger = None
+    if cfg["run_id"]:  # the same on every rank: the gather below is a collective
+        # A restart recomputes, bit for bit, the steps between its checkpoint and the failure: those already
+        # in MLflow are not logged twice.
+        logger = tracking.MetricLogger(cfg["tracking_uri"], cfg["run_id"], skip_logged=bool(restarted)) if rank == 0 else None
+        nodes = [None] * world
+        dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+        if logger:
+            logger.tag("genpipe.train_nodes", json.dumps(nodes))
     searching = cfg.get("validate") is not None
     validate = cfg["validate"] if searching and rank == 0 else None  # a search's trial metric (pipelines/tune.py)
 
@@ -194,8 +198,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
             metrics |= scored
         if logger:
             logger.log(metrics, step)
-            if searching:  # Tune may stop the trial at this report: MLflow must have it by then
-                logger.flush()
+        if rank == 0:
             shown = " ".join(f"{k.removeprefix('train/')}={v:.4g}" for k, v in metrics.items())
             # Straight to fd 2: Ray Train's worker tees sys.stderr, which would print every line twice.
             os.write(2, f"step {step}/{spec.train.steps} {shown}\n".encode())
