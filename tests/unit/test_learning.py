@@ -12,7 +12,7 @@ Margins measured over 5 seeds on CPU, against the thresholds asserted:
       approximates, and importance weighting recovers part of the difference.
   dcgan (600 steps): FID against the test split at 2.6..3.5 % of the untrained
       generator's (< 20 %), on the pipelines.metrics extractor (97.7 % accuracy).
-      The same with the GAN training recipe of jobs/demo.yaml (Adam beta1 = 0; see
+      The same with the GAN training recipe of jobs/demo.yaml (Adam beta1 = 0, lr 2e-3; see
       benchmarks/README.md, "Training recipes"): passes < 20 % too; its margin over
       seeds is not measured yet.
 """
