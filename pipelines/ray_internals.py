@@ -10,7 +10,10 @@ torch, which imports this module for the same check.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from importlib.metadata import version
 
 RAY_VERSION = "2.60.0"
@@ -115,8 +118,8 @@ def free_placement_groups_of_finished_jobs() -> int:
     both of its owners die, and the group stays reserved until the head stops. Seen once in the suite: a
     search stopped (its job's driver got SIGTERM) just as a trial's Train controller started a worker
     group; its placement group was created 0.4 s before the job was marked finished and still reserved a
-    CPU two minutes later. Train stages, which run without a PlacementGroupCleaner (`torch_trainer`), can
-    hit the same window when they are stopped."""
+    CPU two minutes later. A stopped train stage, which runs without a PlacementGroupCleaner
+    (`torch_trainer`), hit it once too, before its driver ended its controller first (`controller_dies_first`)."""
     from ray.util.state import list_jobs, list_placement_groups
 
     groups = list_placement_groups(filters=[("state", "!=", "REMOVED")], detail=True, limit=10_000,
@@ -150,7 +153,8 @@ def torch_trainer(*, in_search: bool, torch_config, **kwargs):
     - PlacementGroupCleanerCallback, outside a search: a detached actor per run that asks the state API
       every second whether the controller lives, to free the workers' placement group if it dies while
       `fit()`'s caller lives on. A train stage's caller is its job's driver, which fails with the
-      controller, and Ray frees a finished job's placement groups. A search's trial is not: Tune goes on
+      controller (or, stopped, kills it first: `controller_dies_first`), and Ray frees a finished job's
+      placement groups. A search's trial is not: Tune goes on
       after stopping it, so there the cleaner stays (with `free_placement_groups_left_by` for its gap).
 
     Built on `DataParallelTrainer`, which `TorchTrainer` only extends with a default torch config and a
@@ -165,7 +169,81 @@ def torch_trainer(*, in_search: bool, torch_config, **kwargs):
     unused = (DatasetsCallback,) if in_search else (DatasetsCallback, PlacementGroupCleanerCallback)
 
     class Trainer(DataParallelTrainer):
+        controller = None  # the run's TrainController actor, once fit() has started it (main thread only)
+
         def _create_default_callbacks(self) -> list:
             return [c for c in super()._create_default_callbacks() if not isinstance(c, unused)]
 
+        def _register_sigint_handler(self, controller) -> None:
+            # fit() hands the controller only to this hook (called on the main thread): kept for
+            # `controller_dies_first`.
+            self.controller = controller
+            super()._register_sigint_handler(controller)
+
     return Trainer(backend_config=torch_config, **kwargs)
+
+
+# How long a stopped train stage's driver waits for its Train controller's death before its own: inside
+# the 3 s Ray gives a stopped job's driver before it SIGKILLs it (RAY_JOB_STOP_WAIT_TIME_S).
+CONTROLLER_DEATH_WAIT_S = 2.0
+
+
+@contextmanager
+def controller_dies_first(trainer):
+    """Within the block (a `trainer.fit()` of `torch_trainer`'s), SIGTERM kills the run's Train controller
+    and waits until Ray has seen it die before this process dies of the signal, as it would have.
+
+    A train stage's job is stopped with SIGTERM to its driver, which died of it at once. Its controller
+    lived on for ~150 ms, until Ray saw its owner gone, and a controller whose worker group was still
+    starting answered the failed start with a new placement group, created after Ray had freed the
+    finished job's groups: that one stayed reserved until the next train job freed it, 45 s later
+    (benchmarks/results/cpu-2026-12-07/NOTES.md). With the controller's process dead first, every group
+    it made exists before the job ends, and Ray frees them with the job.
+
+    SIGKILL to its process, not Train's abort (what its Ctrl-C handler calls), which waits on the
+    controller's event loop, blocked for seconds by a starting worker group; nor `ray.kill`, after which
+    Ray calls the actor dead while its process, still running, exits (0.5 s on the 2-core VM).
+    `fit()` places the controller on its driver's node, so the driver can signal it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers are the main thread's; a search's trials have a PlacementGroupCleaner
+        return
+
+    def on_sigterm(signum, frame):
+        if trainer.controller is not None:
+            print("genpipe: stopped: ending the Train run's controller first (its process is killed)", flush=True)
+            _kill_and_wait(trainer.controller, CONTROLLER_DEATH_WAIT_S)
+        signal.signal(signal.SIGTERM, old)
+        signal.raise_signal(signal.SIGTERM)
+
+    old = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _kill_and_wait(actor, timeout_s: float) -> bool:
+    """SIGKILL ACTOR's process if it runs on this node (`ray.kill` it otherwise), and wait until calls to
+    it fail: Ray has seen it die. False if TIMEOUT_S passes first."""
+    import ray
+    from ray._private import state
+
+    deadline = time.monotonic() + timeout_s
+    info = state.actors(actor_id=actor._actor_id.hex()) or {}
+    here = info.get("Address", {}).get("NodeID") == ray.get_runtime_context().get_node_id()
+    try:
+        if info.get("Pid") and here:
+            os.kill(info["Pid"], signal.SIGKILL)
+        else:  # not started yet (Ray cancels its creation), or elsewhere
+            ray.kill(actor, no_restart=True)
+    except ProcessLookupError:
+        pass  # already gone
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            ray.get(actor.__ray_ready__.remote(), timeout=left)
+        except ray.exceptions.RayActorError:
+            return True
+        except ray.exceptions.GetTimeoutError:
+            return False
+        time.sleep(0.05)
+    return False

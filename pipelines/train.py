@@ -69,7 +69,8 @@ def run(spec: PipelineSpec, data_manifest: dict, *, run_id: str | None, tracking
             checkpoint_config=CheckpointConfig(num_to_keep=spec.train.num_to_keep),
             failure_config=FailureConfig(max_failures=spec.train.max_failures)),
     )
-    result = trainer.fit()
+    with ray_internals.controller_dies_first(trainer):
+        result = trainer.fit()
     if result.error:
         # A bad checkpoint or shard fails every worker the same way: the user's error, not Ray's (exit 2).
         invalid = [e for e in getattr(result.error, "worker_failures", {}).values() if isinstance(e, InvalidInput)]

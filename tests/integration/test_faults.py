@@ -167,8 +167,9 @@ def _stage_jobs(home, name: str, stage: str) -> list[dict]:
 
 
 def test_sigterm_ends_every_run_killed_and_stops_the_job(home):
-    """Stopped while its workers train, the train job frees their placement group: Ray frees a finished
-    job's, with no PlacementGroupCleaner (ray_internals.torch_trainer leaves it out of a train stage)."""
+    """Stopped while its workers start, the train job frees their placement group: Ray frees a finished
+    job's, with no PlacementGroupCleaner (ray_internals.torch_trainer leaves it out of a train stage), once
+    the job has ended its Train controller first (ray_internals.controller_dies_first)."""
     name = "fault-sigterm"
     proc = _start_train(home, name)
     c = _sqlite(home)
@@ -183,6 +184,8 @@ def test_sigterm_ends_every_run_killed_and_stops_the_job(home):
     assert "[train] stopping job" in err
     (job,) = _stage_jobs(home, name, "train")
     assert job["status"] == "STOPPED", job
+    logs = ray_api(home["address"], f"/api/jobs/{job['submission_id']}/logs")["logs"]
+    assert "ending the Train run's controller first" in logs, logs[-3000:]
     assert _runs(c, name) == {name: "KILLED", f"{name}/prepare": "FINISHED", f"{name}/train": "KILLED"}
     assert reserved_placement_groups(home, within=30, job_id=job_id) == []
 
