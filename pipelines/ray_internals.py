@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -184,16 +185,18 @@ def torch_trainer(*, in_search: bool, torch_config, **kwargs):
 
 
 # How long a stopped train stage's driver waits for its Train controller's death before its own: inside
-# the 3 s Ray gives a stopped job's driver before it SIGKILLs it (RAY_JOB_STOP_WAIT_TIME_S).
+# the 3 s Ray gives a stopped job's driver before it SIGKILLs it (RAY_JOB_STOP_WAIT_TIME_S). Past them,
+# no harm: the controller is dead by then, and only the driver's own exit is cut short.
 CONTROLLER_DEATH_WAIT_S = 2.0
 
 
 @contextmanager
 def controller_dies_first(trainer):
     """Within the block (a `trainer.fit()` of `torch_trainer`'s), SIGTERM kills the run's Train controller
-    and waits until Ray has seen it die before this process dies of the signal, as it would have.
+    and waits until Ray has seen it die, then goes on to the handler it replaced (in a stage job, the one
+    `ray.init()` installs, which exits).
 
-    A train stage's job is stopped with SIGTERM to its driver, which died of it at once. Its controller
+    A train stage's job is stopped with SIGTERM to its driver, which exited on it at once. Its controller
     lived on for ~150 ms, until Ray saw its owner gone, and a controller whose worker group was still
     starting answered the failed start with a new placement group, created after Ray had freed the
     finished job's groups: that one stayed reserved until the next train job freed it, 45 s later
@@ -209,13 +212,21 @@ def controller_dies_first(trainer):
         return
 
     def on_sigterm(signum, frame):
-        if trainer.controller is not None:
-            print("genpipe: stopped: ending the Train run's controller first (its process is killed)", flush=True)
-            _kill_and_wait(trainer.controller, CONTROLLER_DEATH_WAIT_S)
-        signal.signal(signal.SIGTERM, old)
-        signal.raise_signal(signal.SIGTERM)
+        try:
+            if trainer.controller is not None:
+                print("genpipe: stopped: ending the Train run's controller first (its process is killed)",
+                      flush=True)
+                _kill_and_wait(trainer.controller, CONTROLLER_DEATH_WAIT_S)
+        except Exception as e:  # noqa: BLE001 -- the stop goes on; the next train job frees what is left
+            print(f"genpipe: could not end the Train run's controller first: {e}", file=sys.stderr, flush=True)
+        finally:
+            signal.signal(signal.SIGTERM, old)
+            signal.raise_signal(signal.SIGTERM)
 
-    old = signal.signal(signal.SIGTERM, on_sigterm)
+    old = signal.getsignal(signal.SIGTERM)
+    if old is None:  # a handler set outside Python: the default is the nearest
+        old = signal.SIG_DFL
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         yield
     finally:
@@ -230,19 +241,22 @@ def _kill_and_wait(actor, timeout_s: float) -> bool:
 
     deadline = time.monotonic() + timeout_s
     info = state.actors(actor_id=actor._actor_id.hex()) or {}
-    here = info.get("Address", {}).get("NodeID") == ray.get_runtime_context().get_node_id()
+    alive_here = info.get("State") == "ALIVE" and info.get("Pid") and \
+        info.get("Address", {}).get("NodeID") == ray.get_runtime_context().get_node_id()
     try:
-        if info.get("Pid") and here:
+        if alive_here:
             os.kill(info["Pid"], signal.SIGKILL)
-        else:  # not started yet (Ray cancels its creation), or elsewhere
+        else:  # not started yet (Ray cancels its creation), elsewhere, or dead (its pid may be reused)
             ray.kill(actor, no_restart=True)
     except ProcessLookupError:
         pass  # already gone
     while (left := deadline - time.monotonic()) > 0:
         try:
             ray.get(actor.__ray_ready__.remote(), timeout=left)
-        except ray.exceptions.RayActorError:
+        except ray.exceptions.ActorDiedError:
             return True
+        except ray.exceptions.ActorUnavailableError:
+            pass  # its connection is gone, but Ray has not yet called it dead
         except ray.exceptions.GetTimeoutError:
             return False
         time.sleep(0.05)
