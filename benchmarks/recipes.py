@@ -31,9 +31,11 @@ import argparse
 import copy
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from gen_models import registry
 from gen_models.base import GenerativeModel, StepContext
@@ -44,7 +46,10 @@ from pipelines.data import load_source
 from pipelines.steps import StepBatches, run_steps
 
 DEMO = {"g_channels": 32, "d_channels": 32}  # jobs/demo.yaml's model section before this ablation
-DEMO_NOW = {**DEMO, "betas": (0.0, 0.999)}  # and since: the one change the ablation kept
+# jobs/demo.yaml's model section as it is now, read rather than copied, so that a sweep starts from the demo
+DEMO_NOW = {k: tuple(v) if isinstance(v, list) else v for k, v in
+            yaml.safe_load((Path(__file__).resolve().parents[1] / "jobs" / "demo.yaml").read_text())["model"].items()
+            if k != "family"}
 BATCH, STEPS, SAMPLES, SAMPLE_BATCH, VAL_FRACTION, EXTRACTOR_EPOCHS = 128, 1500, 5000, 500, 0.1, 2
 AUGMENT = ("color", "translation", "cutout")
 # (label, what the row adds to the recipe so far, its steps)
