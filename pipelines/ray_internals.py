@@ -233,9 +233,9 @@ def controller_dies_first(trainer):
         signal.signal(signal.SIGTERM, old)
 
 
-def _kill_and_wait(actor, timeout_s: float) -> bool:
-    """SIGKILL ACTOR's process if it runs on this node (`ray.kill` it otherwise), and wait until calls to
-    it fail: Ray has seen it die. False if TIMEOUT_S passes first."""
+def _kill_and_wait(actor, timeout_s: float) -> None:
+    """SIGKILL ACTOR's process if it runs on this node (`ray.kill` it otherwise), and wait, at most
+    TIMEOUT_S, until calls to it fail: Ray has seen it die."""
     import ray
     from ray._private import state
 
@@ -254,10 +254,9 @@ def _kill_and_wait(actor, timeout_s: float) -> bool:
         try:
             ray.get(actor.__ray_ready__.remote(), timeout=left)
         except ray.exceptions.ActorDiedError:
-            return True
+            return
         except ray.exceptions.ActorUnavailableError:
             pass  # its connection is gone, but Ray has not yet called it dead
         except ray.exceptions.GetTimeoutError:
-            return False
+            return
         time.sleep(0.05)
-    return False
