@@ -9,7 +9,8 @@ from tests.realparts import end_started
 
 REAL_PARTS = ("tests/integration/", "tests/e2e/")
 # Real parts of their own (a head, database or cluster nobody else uses): not bound to the others' worker.
-OWN_PARTS = {"tests/e2e/test_families.py": "families", "tests/e2e/test_cluster.py": "cluster"}
+OWN_PARTS = {"tests/e2e/test_families.py": "families", "tests/e2e/test_registry.py": "families",
+             "tests/e2e/test_cluster.py": "cluster"}
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
@@ -20,8 +21,9 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
     (waiting on a head, a timeout, a restart).
 
     xdist hands out the largest scope first and gives a worker its next one when it has two tests left:
-    the real parts take one worker, the nine family pipelines (tests/e2e/test_families.py, a head of their
-    own) the other, which then takes the two-node cluster (tests/e2e/test_cluster.py) and the unit tests.
+    the real parts take one worker, every family's pipeline (tests/e2e/test_families.py, and the registry
+    review of three of them, tests/e2e/test_registry.py: a head of their own) the other, which then takes
+    the two-node cluster (tests/e2e/test_cluster.py) and the unit tests.
     With the cluster at the head of the real-parts worker's queue, that worker ran 21 minutes while the
     other was done after 11. (xdist's own `--dist loadgroup` keys groups on rewritten node ids, which
     pytest 9 no longer takes.)"""

@@ -1,2 +1,2 @@
-# The registry review's pipelines are session-scoped: test_registry.py reviews them and checks those three families.
-from tests.e2e.reviewed import reviewed  # noqa: F401
+# Every family's pipeline, the registry review's among them, on a home of their own: tests/e2e/family_runs.py.
+from tests.e2e.family_runs import fresh_home, pipelines, reviewed  # noqa: F401

@@ -2,9 +2,10 @@
 DDPM) on digits through the CLI, then gates, aliases, `genpipe models`,
 `genpipe sample` and a real `mlflow models serve` answering HTTP on 127.0.0.1.
 
-The pipelines run once, in the session fixture `reviewed` (tests/e2e/reviewed.py);
-every test reads their result. They are also those three families' pipeline to a
-registered version (the others': tests/e2e/test_families.py).
+The pipelines run once, in the session fixture `reviewed` (tests/e2e/family_runs.py),
+beside the other families' on their own GENPIPE_HOME (`fresh_home`); every test reads
+their result, with MLflow only (tests/e2e/test_families.py may have stopped that home's
+head). They are also those three families' pipeline to a registered version.
 """
 
 from __future__ import annotations
@@ -28,9 +29,8 @@ from pipelines import config, data, metrics, storage
 from pipelines.evaluate import bits_per_dim, draw
 from pipelines.sampling import chunks
 from pipelines.serving import MAX_N
-from tests.e2e.reviewed import PIPELINES, spec_args
+from tests.e2e.family_runs import PIPELINES, spec_args
 from tests.realparts import (
-    DIGITS,
     REPO,
     VENV_BIN,
     _free_port,
@@ -65,15 +65,15 @@ def version(reviewed, name: str, ref: str):
 
 
 @pytest.mark.parametrize("family", list(PIPELINES))
-def test_family_trains_evaluates_registers(family, reviewed, home):
+def test_family_trains_evaluates_registers(family, reviewed, fresh_home):
     """tests/e2e/test_families.py's check, on this family's review pipeline (cgan: reg-digits v1, ddpm:
     reg-digits v2, pixelcnn: reg-pixelcnn v1)."""
     name = dict(a.split("=", 1) for a in PIPELINES[family][1::2])["registry.model_name"]
-    assert_registered(reviewed["runs"][family], home, family=family, name=name, number=2 if family == "ddpm" else 1,
-                      steps=60)
+    assert_registered(reviewed["runs"][family], fresh_home, family=family, name=name,
+                      number=2 if family == "ddpm" else 1, steps=60)
 
 
-def test_each_family_reports_its_metrics(reviewed, home):
+def test_each_family_reports_its_metrics(reviewed, fresh_home):
     cgan, pixelcnn, ddpm = (last_json(reviewed["runs"][f].stdout)["metrics"] for f in ("cgan", "pixelcnn", "ddpm"))
     for m in (cgan, pixelcnn, ddpm):
         assert all(np.isfinite(m[k]) for k in ("fid", "kid", "is", "precision", "recall", "sample_img_per_s"))
@@ -84,14 +84,14 @@ def test_each_family_reports_its_metrics(reviewed, home):
     # show the class asked for 32..49 % of the time, 10..12 % untrained (chance: 10 %); PixelCNN's test split
     # costs 3.9..4.5 bits/dim, 7.8..8.1 untrained. The margins, 0.1 and 2 bits, are about half the smallest gains
     # measured (0.21 and 3.6).
-    spec, prepared, model = untrained("cgan", home)
+    spec, prepared, model = untrained("cgan", fresh_home)
     ext = metrics.load_extractor(storage.read_verified(prepared["extractor"]["uri"], prepared["extractor"]["sha256"]))
     labels = torch.arange(spec.evaluate.num_samples) % model.config.num_classes
     _, logits = metrics.extract(ext, draw(model, len(labels), batch_size=spec.evaluate.batch_size, seed=spec.seed,
                                           labels=labels))
     before = float((logits.argmax(1) == labels.numpy()).mean())
     assert cgan["conditional_accuracy"] > before + 0.1, (before, cgan["conditional_accuracy"])
-    spec, prepared, model = untrained("pixelcnn", home)
+    spec, prepared, model = untrained("pixelcnn", fresh_home)
     x_test, _ = data.load_split(prepared["data"], "test")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
@@ -138,8 +138,8 @@ def test_the_model_card_is_the_version_description(reviewed):
     assert "samples.png" in [a.path for a in reviewed["client"].list_artifacts(v.run_id)]
 
 
-def test_models_list_and_show(reviewed, home):
-    r = genpipe(home, "models", "list")
+def test_models_list_and_show(reviewed, fresh_home):
+    r = genpipe(fresh_home, "models", "list")
     assert r.returncode == 0
     header, *rows = r.stdout.splitlines()
     assert header.split() == ["model", "version", "aliases", "family", "dataset", "primary", "metric", "created"]
@@ -147,7 +147,7 @@ def test_models_list_and_show(reviewed, home):
     assert pixelcnn[1:5] == ["1", "challenger,champion", "pixelcnn", "digits"]
     assert pixelcnn[5].startswith("bits_per_dim=")
 
-    r = genpipe(home, "models", "show", "reg-digits@challenger")
+    r = genpipe(fresh_home, "models", "show", "reg-digits@challenger")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("reg-digits v2  aliases: challenger")
     c = reviewed["client"]
@@ -157,13 +157,13 @@ def test_models_list_and_show(reviewed, home):
     assert "\nfid " in r.stdout and "# reg-digits: ddpm" in r.stdout
 
     for bad in ("reg-digits/9", "no-such-model", "reg-digits@nope", "a/b/c"):
-        r = genpipe(home, "models", "show", bad)
+        r = genpipe(fresh_home, "models", "show", bad)
         assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("genpipe: error: "), bad
 
 
-def test_compare_flags_what_is_not_comparable_and_draws_both_grids(reviewed, home, tmp_path):
+def test_compare_flags_what_is_not_comparable_and_draws_both_grids(reviewed, fresh_home, tmp_path):
     out = tmp_path / "cmp.png"
-    r = genpipe(home, "models", "compare", "reg-digits/1", "reg-digits/2", "--out", str(out))
+    r = genpipe(fresh_home, "models", "compare", "reg-digits/1", "reg-digits/2", "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert "comparable: same data, extractor, reference statistics and sample count" in r.stdout
     fid_row = next(line.split() for line in r.stdout.splitlines() if line.startswith("fid "))
@@ -173,7 +173,7 @@ def test_compare_flags_what_is_not_comparable_and_draws_both_grids(reviewed, hom
                                                             "samples.png", str(tmp_path)))
     assert png.width > 2 * grid.width  # two grids, scaled up, side by side
 
-    r = genpipe(home, "models", "compare", "reg-digits@champion", "reg-pixelcnn/1")
+    r = genpipe(fresh_home, "models", "compare", "reg-digits@champion", "reg-pixelcnn/1")
     assert r.returncode == 0, r.stderr
     assert "sample count 300 vs 200" in r.stdout
     bits = next(line.split() for line in r.stdout.splitlines() if line.startswith("bits_per_dim "))
@@ -183,24 +183,24 @@ def test_compare_flags_what_is_not_comparable_and_draws_both_grids(reviewed, hom
     assert [a.path for a in reviewed["client"].list_artifacts(run_id)] == ["compare.png"]
 
 
-def test_promote_and_archive(reviewed, home):
+def test_promote_and_archive(reviewed, fresh_home):
     c = reviewed["client"]
-    r = genpipe(home, "models", "promote", "reg-pixelcnn", "1", "--alias", "stable")
+    r = genpipe(fresh_home, "models", "promote", "reg-pixelcnn", "1", "--alias", "stable")
     assert r.returncode == 0 and str(c.get_model_version_by_alias("reg-pixelcnn", "stable").version) == "1"
-    r = genpipe(home, "models", "archive", "reg-pixelcnn", "1")
+    r = genpipe(fresh_home, "models", "archive", "reg-pixelcnn", "1")
     assert r.returncode == 0 and "removed aliases challenger, champion, stable" in r.stdout
     assert not c.get_registered_model("reg-pixelcnn").aliases
     assert c.get_model_version("reg-pixelcnn", "1").tags["genpipe.archived"] == "true"
-    r = genpipe(home, "models", "promote", "reg-pixelcnn", "1")
+    r = genpipe(fresh_home, "models", "promote", "reg-pixelcnn", "1")
     assert r.returncode == 2 and "archived" in r.stderr
-    r = genpipe(home, "models", "list")
+    r = genpipe(fresh_home, "models", "list")
     assert any(line.split()[:3] == ["reg-pixelcnn", "1", "archived"] for line in r.stdout.splitlines())
 
 
-def test_the_champion_serves_over_http_what_genpipe_sample_draws(reviewed, home, tmp_path):
+def test_the_champion_serves_over_http_what_genpipe_sample_draws(reviewed, fresh_home, tmp_path):
     port, log = _free_port(), tmp_path / "serve.log"
-    env = {**home["env"], "MLFLOW_TRACKING_URI": reviewed["tracking_uri"],
-           "PATH": f"{VENV_BIN}{os.pathsep}{home['env'].get('PATH', '')}"}  # mlflow starts uvicorn from PATH
+    env = {**fresh_home["env"], "MLFLOW_TRACKING_URI": reviewed["tracking_uri"],
+           "PATH": f"{VENV_BIN}{os.pathsep}{fresh_home['env'].get('PATH', '')}"}  # mlflow starts uvicorn from PATH
     with open(log, "wb") as out:
         proc = subprocess.Popen([str(Path(VENV_BIN) / "mlflow"), "models", "serve", "-m", CHAMPION,
                                  "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
@@ -229,8 +229,8 @@ def test_the_champion_serves_over_http_what_genpipe_sample_draws(reviewed, home,
             assert "Failed to validate serving input example" not in logged
         # while the server comes up, the CLI draws from the same version: one request's worth, and more than one
         small, big, n = tmp_path / "small.npy", tmp_path / "big.npy", MAX_N + 2
-        drawing = [start(home, "sample", CHAMPION, "-n", "2", "--seed", "0", "--out", str(small)),
-                   start(home, "sample", CHAMPION, "-n", str(n), "--seed", "5", "--out", str(big))]
+        drawing = [start(fresh_home, "sample", CHAMPION, "-n", "2", "--seed", "0", "--out", str(small)),
+                   start(fresh_home, "sample", CHAMPION, "-n", str(n), "--seed", "5", "--out", str(big))]
         for cli in drawing:
             _, err = cli.communicate(timeout=600)
             assert cli.returncode == 0, err[-2000:]
@@ -260,23 +260,13 @@ def test_the_champion_serves_over_http_what_genpipe_sample_draws(reviewed, home,
         _stop_group(proc)
 
 
-def test_sample_refuses_a_bad_n_or_label_in_one_line(reviewed, home, tmp_path):
+def test_sample_refuses_a_bad_n_or_label_in_one_line(reviewed, fresh_home, tmp_path):
     out = tmp_path / "x.npy"
     refused = {"-n 0: the number of images must be at least 1": (CHAMPION, "-n", "0"),
                "--label 10: out of range: the model has 10 classes, 0 to 9": ("models:/reg-digits/1", "--label", "10"),
                "--label 3: PixelCNN is unconditional and takes no label": ("models:/reg-pixelcnn/1", "--label", "3")}
-    clis = {message: start(home, "sample", *args, "--out", str(out)) for message, args in refused.items()}
+    clis = {message: start(fresh_home, "sample", *args, "--out", str(out)) for message, args in refused.items()}
     for message, cli in clis.items():
         _, err = cli.communicate(timeout=600)
         assert cli.returncode == 2 and err.strip().splitlines() == [f"genpipe: error: {message}"], err[-2000:]
     assert not out.exists()
-
-
-def test_inception_weights_that_are_not_there_exit_2(home, tmp_path):
-    missing = tmp_path / "inception_v3.pth"
-    r = genpipe(home, "prepare", *DIGITS, "--set", "name=reg-inception", "--set", "extractor.kind=inception",
-                "--set", f"extractor.weights_uri={missing}")
-    assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1] == (
-        f"genpipe: error: prepare: extractor.weights_uri {missing} does not exist (Inception weights are never "
-        "downloaded: put torchvision's inception_v3 weights there)")

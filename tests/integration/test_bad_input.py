@@ -126,3 +126,13 @@ def test_corrupt_checkpoint_is_refused_and_the_trained_stage_stays(home):
     finally:
         weights.write_bytes(data)
     assert _digest(train_dir) == before
+
+
+def test_inception_weights_that_are_not_there_exit_2(home, tmp_path):
+    missing = tmp_path / "inception_v3.pth"
+    r = genpipe(home, "prepare", *DIGITS, "--set", "name=reg-inception", "--set", "extractor.kind=inception",
+                "--set", f"extractor.weights_uri={missing}")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"genpipe: error: prepare: extractor.weights_uri {missing} does not exist (Inception weights are never "
+        "downloaded: put torchvision's inception_v3 weights there)")
