@@ -43,16 +43,21 @@ def draw(family: str) -> dict:
     t0 = time.perf_counter()
     # stderr (the stages' progress) goes to the terminal; the last stdout line is the result.
     done = subprocess.run([GENPIPE, *args], stdout=subprocess.PIPE, text=True, check=True, cwd=REPO)
-    seconds = time.perf_counter() - t0
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    uri = f"models:/{result['model']}/{result['version']}"
+    return grid(family, args, f"models:/{result['model']}/{result['version']}", result["metrics"],
+                time.perf_counter() - t0)
+
+
+def grid(family: str, args: list[str], uri: str, metrics: dict, seconds: float) -> dict:
+    """docs/samples/<family>.png and .json: 16 samples of the model version URI, which `genpipe ARGS`
+    registered with METRICS in SECONDS (here, or in a benchmark's run of the same command)."""
     png = OUT / f"{family}.png"
     subprocess.run([GENPIPE, "sample", uri, "-n", "16", "--seed", "0", "--out", str(png)], check=True, cwd=REPO)
     grey = Image.open(png).convert("L")
     if grey.convert("RGB").tobytes() == Image.open(png).tobytes():  # a grey grid stored as RGB: keep a third
         grey.save(png, optimize=True)
     record = {"command": shlex.join(["genpipe", *args]), "model_uri": uri, "pipeline_seconds": round(seconds),
-              "metrics": result["metrics"]}
+              "metrics": metrics}
     (OUT / f"{family}.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
 
