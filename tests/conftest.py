@@ -8,9 +8,10 @@ from tests.realparts import end_started
 
 
 REAL_PARTS = ("tests/integration/", "tests/e2e/")
-# Real parts of their own (a head, database or cluster nobody else uses): not bound to the others' worker.
+# Real parts of their own (a head, database or cluster nobody else uses), or none (DDP in processes of its
+# own, no Ray): not bound to the others' worker.
 OWN_PARTS = {"tests/e2e/test_families.py": "families", "tests/e2e/test_registry.py": "families",
-             "tests/e2e/test_cluster.py": "cluster"}
+             "tests/e2e/test_cluster.py": "cluster", "tests/integration/test_ddp_equivalence.py": "ddp"}
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log):

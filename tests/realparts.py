@@ -526,7 +526,8 @@ def cluster(tmp_path_factory, moto_s3):
 
     Yields a dict: `address` (the dashboard URL), `mlflow` (its URL), `ray` (the RayCluster),
     `env` (the environment for the CLI: S3, MLflow URI and credentials, the Ray token, GENPIPE_HOME),
-    `node_ids`, `seconds` (how long it took to come up).
+    `node_ids`, `shard_cache` (where the nodes keep the S3 shards they train on), `seconds` (how long it
+    took to come up).
     """
     t0 = time.perf_counter()
     tmp = tmp_path_factory.mktemp("cluster")
@@ -554,7 +555,7 @@ def cluster(tmp_path_factory, moto_s3):
         stack.callback(_timed, logs, "mlflow server stopped", _stop_group, server["proc"], signal.SIGTERM, 3)
 
         node_env = {**base, **moto_s3, "MLFLOW_TRACKING_USERNAME": MLFLOW_USER,
-                    "MLFLOW_TRACKING_PASSWORD": MLFLOW_PASSWORD}
+                    "MLFLOW_TRACKING_PASSWORD": MLFLOW_PASSWORD, "GENPIPE_SHARD_CACHE": str(tmp / "shard-cache")}
         ray = RayCluster(logs, node_env, tmp / "ray_auth_token")
         stack.callback(_timed, logs, "Ray stopped", ray.stop)
         ray.start_head()  # the server and the head come up side by side
@@ -571,4 +572,4 @@ def cluster(tmp_path_factory, moto_s3):
         (logs / "times.txt").write_text(f"cluster up in {up:.1f}s\n")
         yield {"address": ray.address, "mlflow": server["url"], "mlflow_port": port, "ray": ray, "env": env,
                "home": home, "logs": logs, "pg": pg, "node_ids": sorted(n["node_id"] for n in nodes),
-               "seconds": up}
+               "shard_cache": tmp / "shard-cache", "seconds": up}

@@ -1,7 +1,8 @@
 """The pipeline on a cluster laid out as infra/k8s deploys it, on this machine: a two-node
 Ray cluster (token auth), an MLflow server on PostgreSQL with basic auth and its artifacts
-proxied to S3 (moto), the pipeline's storage on that S3. The `cluster` fixture
-(tests/realparts.py) says what runs where."""
+proxied to S3 (moto), the pipeline's storage on that S3, and a user's own images: a folder of
+32x32 RGB photo patches on that S3. The `cluster` fixture (tests/realparts.py) says what runs
+where; tests/integration/test_image_folder.py is the folder's prepare stage in detail."""
 
 from __future__ import annotations
 
@@ -12,16 +13,18 @@ import urllib.request
 from pathlib import Path
 
 import boto3
+import numpy as np
 import psycopg
 import pytest
 from mlflow.tracking import MlflowClient
 
+from tests.imagesets import photo_patches
 from tests.realparts import (AWS_KEY_ID, AWS_SECRET, DIGITS, MLFLOW_ADMIN_PASSWORD, MLFLOW_PASSWORD, MLFLOW_USER,
                              PG_PASSWORD, genpipe, last_json)
 
 pytestmark = pytest.mark.integration
 
-SECRETS = (MLFLOW_PASSWORD, MLFLOW_ADMIN_PASSWORD, PG_PASSWORD, AWS_SECRET)
+SECRETS = (MLFLOW_PASSWORD, MLFLOW_ADMIN_PASSWORD, PG_PASSWORD, AWS_KEY_ID, AWS_SECRET)
 
 
 def _s3(moto_s3):
@@ -38,15 +41,24 @@ def _without_credentials(env: dict) -> dict:
     return {k: v for k, v in env.items() if k not in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
 
 
-def test_pipeline_on_two_nodes_with_mlflow_on_postgres_and_s3(cluster, moto_s3, monkeypatch):
-    r = genpipe(cluster, "pipeline", "--config", "jobs/smoke.yaml", *DIGITS, "--address", cluster["address"],
+def test_pipeline_on_two_nodes_with_mlflow_on_postgres_and_s3(cluster, moto_s3, monkeypatch, tmp_path):
+    s3 = _s3(moto_s3)
+    folder = photo_patches(tmp_path / "photos", per_photo=40)  # 80 files: two decoding tasks of 64
+    for f in folder.rglob("*"):
+        if f.is_file():
+            s3.upload_file(str(f), "genpipe", f"photos/{f.relative_to(folder).as_posix()}")
+    r = genpipe(cluster, "pipeline", "--config", "jobs/smoke.yaml", "--address", cluster["address"],
                 "--set", "name=cluster", "--set", "storage=s3://genpipe/cluster", "--set", "train.num_workers=2",
-                "--set", "registry.model_name=cluster-dcgan")
+                "--set", "registry.model_name=cluster-dcgan", "--set", "data.source=image_folder",
+                "--set", "data.uri=s3://genpipe/photos/", "--set", "data.image_size=32",
+                "--set", "data.labels=subfolders", "--set", "data.shard_size=100", "--set", "extractor.epochs=3",
+                "--set", "train.steps=20", "--set", "evaluate.num_samples=200")
     (cluster["logs"] / "pipeline.log").write_text(r.stderr)
     assert r.returncode == 0, r.stderr[-3000:]
     out = last_json(r.stdout)
     assert out["model"] == "cluster-dcgan" and out["version"] == 1
-    assert "step 60/60" in r.stderr  # rank 0's progress reaches the user, whichever node it ran on
+    assert all(np.isfinite(out["metrics"][k]) for k in ("fid", "kid", "precision"))
+    assert "80/80 images (100%)" in r.stderr and "step 20/20" in r.stderr  # progress reaches the user
 
     # The registry, through the server: every run FINISHED, the version there, its files in S3.
     for k, v in cluster["env"].items():
@@ -57,7 +69,6 @@ def test_pipeline_on_two_nodes_with_mlflow_on_postgres_and_s3(cluster, moto_s3, 
     assert {stage: run.info.status for stage, run in runs.items()} == dict.fromkeys(out["runs"], "FINISHED")
     mv = c.get_model_version("cluster-dcgan", "1")
     assert mv.run_id == out["runs"]["register"]
-    s3 = _s3(moto_s3)
     artifacts = _keys(s3, "mlflow-artifacts/")
     assert any(k.endswith("/MLmodel") for k in artifacts), artifacts  # the registered pyfunc, proxied to S3
     assert any(k.endswith("/samples.png") for k in artifacts), artifacts
@@ -66,11 +77,30 @@ def test_pipeline_on_two_nodes_with_mlflow_on_postgres_and_s3(cluster, moto_s3, 
         in_postgres = {row[0] for row in db.execute("select run_uuid from runs")}
     assert set(out["runs"].values()) <= in_postgres
 
+    # Every stage's outputs and the Train checkpoints are on S3; training read the RGB shards through each
+    # node's cache (both nodes share one directory on this machine).
+    stored = _keys(s3, "cluster/")
+    assert {f"cluster/cluster/{stage}/manifest.json" for stage in out["runs"] if stage != "pipeline"} <= set(stored)
+    assert any(k.endswith("model.safetensors") for k in stored)
+    prepared = json.loads(s3.get_object(Bucket="genpipe", Key="cluster/cluster/prepare/manifest.json")["Body"].read())
+    data = prepared["outputs"]["data"]
+    assert data["shape"] == [3, 32, 32] and data["num_classes"] == 2
+    assert {p.name for p in cluster["shard_cache"].glob("*.npz")} >= \
+        {f"{s['sha256']}.npz" for s in data["splits"]["train"]["shards"]}
+
     # Train's two workers ran one on each node: as the train stage tags its run (a node id per
     # rank) and as Ray's state API says (it keeps dead actors, with their node).
     assert sorted(json.loads(runs["train"].data.tags["genpipe.train_nodes"])) == cluster["node_ids"]
     workers = cluster["ray"].state("actors", class_name="RayTrainWorker")
     assert sorted({a["node_id"] for a in workers}) == cluster["node_ids"], workers
+
+    # The registered version, through the server and its artifact proxy: its lineage names the folder, and
+    # it samples 32x32 RGB images.
+    shown = genpipe(cluster, "models", "show", "cluster-dcgan@champion")
+    assert shown.returncode == 0 and "dataset image_folder:photos: s3://genpipe/photos (s3)" in shown.stdout, \
+        shown.stdout + shown.stderr[-2000:]
+    sampled = genpipe(cluster, "sample", "models:/cluster-dcgan@champion", "-n", "4", "--out", str(tmp_path / "s.npy"))
+    assert sampled.returncode == 0 and np.load(tmp_path / "s.npy").shape == (4, 3, 32, 32), sampled.stderr[-2000:]
 
     # The MLflow credentials reach stage jobs through the nodes' environment, never the job's
     # runtime_env (which the dashboard shows); no password is in anything the pipeline wrote.
@@ -80,12 +110,12 @@ def test_pipeline_on_two_nodes_with_mlflow_on_postgres_and_s3(cluster, moto_s3, 
         env_vars = (j.get("runtime_env") or {}).get("env_vars", {})
         assert not set(env_vars) & {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
                                     "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}, env_vars
-    written = {f"s3://genpipe/{k}": s3.get_object(Bucket="genpipe", Key=k)["Body"].read()
-               for k in _keys(s3, "cluster/") + artifacts}
+    written = {f"s3://genpipe/{k}": s3.get_object(Bucket="genpipe", Key=k)["Body"].read() for k in stored + artifacts}
     written |= {f"run {stage}": json.dumps([run.data.params, run.data.tags]).encode() for stage, run in runs.items()}
     written["model version"] = json.dumps([mv.tags, mv.description, mv.source]).encode()
     written["ray jobs"] = json.dumps(jobs).encode()
-    written["stdout+stderr"] = (r.stdout + r.stderr).encode()
+    written["what it printed"] = "".join(p.stdout + p.stderr for p in (r, shown, sampled)).encode()
+    written |= {str(f): f.read_bytes() for f in cluster["home"].rglob("*") if f.is_file()}
     written |= {str(f): f.read_bytes() for d in cluster["ray"].temp_dirs for f in Path(d).rglob("*")
                 if f.is_file() and not f.is_symlink()}  # both nodes' session logs: what the dashboard serves
     assert any("manifest.json" in where for where in written) and any("specs/" in where for where in written)

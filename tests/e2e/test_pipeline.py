@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.realparts import DIGITS, genpipe, last_json, sqlite_client
+from tests.e2e.family_runs import SMOKE_FAMILY
+from tests.realparts import DIGITS, assert_registered, genpipe, last_json, sqlite_client
 
 pytestmark = pytest.mark.integration
 
@@ -18,13 +19,14 @@ pytestmark = pytest.mark.integration
 def test_smoke_pipeline_local_then_cached_then_sampled(home, tmp_path):
     args = ["pipeline", "--config", "jobs/smoke.yaml", *DIGITS, "--set", "name=e2e-local"]
     r = genpipe(home, *args)
-    assert r.returncode == 0, r.stderr[-3000:]
+    # This is the smoke spec's family's pipeline (tests/e2e/test_families.py checks every other family's alike)
+    assert_registered(r, home, family=SMOKE_FAMILY, name="smoke-dcgan", number=1, steps=60)
     out = last_json(r.stdout)
-    assert out["pipeline"] == "e2e-local" and out["model"] == "smoke-dcgan" and out["version"] == 1
+    assert out["pipeline"] == "e2e-local"
     assert set(out["runs"]) == {"pipeline", "prepare", "train", "evaluate", "register"}
     for k in ("fid", "kid", "is", "precision", "recall"):
         assert np.isfinite(out["metrics"][k]), k
-    assert "[train] " in r.stderr and "step 60/60" in r.stderr  # progress reaches the user
+    assert "[train] " in r.stderr  # progress reaches the user
     # On a local head prepare fits the extractor on the machine's cores, not on the one Ray gives a job that
     # reserves none (whichever of the session's pipelines fitted this one: every one runs on a local head)
     prepared = json.loads((home["path"] / "storage/e2e-local/prepare/manifest.json").read_text())
@@ -37,7 +39,6 @@ def test_smoke_pipeline_local_then_cached_then_sampled(home, tmp_path):
         assert run.info.status == "FINISHED", stage
         if stage != "pipeline":
             assert run.data.tags["mlflow.parentRunId"] == out["runs"]["pipeline"]
-    assert c.get_run(out["runs"]["train"]).data.metrics["train/img_per_s"] > 0
     assert "samples.png" in [a.path for a in c.list_artifacts(out["runs"]["evaluate"])]
     champion = c.get_model_version_by_alias("smoke-dcgan", "champion")
     assert str(champion.version) == "1" and champion.tags["family"] == "dcgan"
