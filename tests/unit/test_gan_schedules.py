@@ -195,27 +195,37 @@ def test_cgan_trains_both_networks_on_the_batch_labels():
 
 # --- DDP ------------------------------------------------------------------------
 
+def _ddp_train(rank: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(initial parameters, every rank's parameters after four steps) of a DDP-wrapped WGAN-GP."""
+    torch.manual_seed(0)  # identical initial weights, as in the trainer
+    model = WGAN(WGANGPConfig.tiny(image_size=8, n_critic=2))
+    ctx = StepContext(optimizers=model.configure_optimizers())
+    start = torch.cat([p.detach().flatten() for p in model.parameters()])
+    model.wrap_ddp(lambda m: torch.nn.parallel.DistributedDataParallel(m, forward_sync_buffers=False))
+    for step in range(4):  # two critic-only steps, two with the generator
+        torch.manual_seed(100 * rank + step)  # each rank its own noise, interpolates and images
+        ctx.step = step
+        model.training_step((torch.rand(8, 1, 8, 8), torch.randint(10, (8,))), ctx)
+    params = torch.cat([p.detach().flatten() for p in model.parameters()])
+    gathered = [torch.empty_like(params) for _ in range(2)]
+    dist.all_gather(gathered, params)
+    return start, gathered
+
+
 def _ddp_worker(rank: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.set_num_threads(1)
     try:
-        torch.manual_seed(0)  # identical initial weights, as in the trainer
-        model = WGAN(WGANGPConfig.tiny(image_size=8, n_critic=2))
-        ctx = StepContext(optimizers=model.configure_optimizers())
-        start = torch.cat([p.detach().flatten() for p in model.parameters()])
-        model.wrap_ddp(lambda m: torch.nn.parallel.DistributedDataParallel(m, forward_sync_buffers=False))
-        for step in range(4):  # two critic-only steps, two with the generator
-            torch.manual_seed(100 * rank + step)  # each rank its own noise, interpolates and images
-            ctx.step = step
-            model.training_step((torch.rand(8, 1, 8, 8), torch.randint(10, (8,))), ctx)
-        params = torch.cat([p.detach().flatten() for p in model.parameters()])
-        gathered = [torch.empty_like(params) for _ in range(2)]
-        dist.all_gather(gathered, params)
-        assert not torch.equal(params, start)
-        assert torch.equal(gathered[0], gathered[1]), float((gathered[0] - gathered[1]).abs().max())
+        # The DDP model (its reducer holds the process group) is gone before the group is destroyed, as in
+        # Ray Train's workers and test_ddp_equivalence's. With the model still alive there, rank 0 once died
+        # of an uncaught C++ exception ("terminate called without an active exception") in a loaded suite
+        # run; not reproduced in 25 runs beside three busy loops, so this is the likeliest cause, not a proven one.
+        start, gathered = _ddp_train(rank)
     finally:
         dist.destroy_process_group()
+    assert not torch.equal(gathered[rank], start)
+    assert torch.equal(gathered[0], gathered[1]), float((gathered[0] - gathered[1]).abs().max())
 
 
 @pytest.mark.timeout(120)  # a hang guard: spawn imports torch twice, slow on a loaded machine
