@@ -1,6 +1,7 @@
 """Registry review end to end: three real pipelines (a conditional GAN, PixelCNN,
 DDPM) on digits through the CLI, then gates, aliases, `genpipe models`,
-`genpipe sample` and a real `mlflow models serve` answering HTTP on 127.0.0.1.
+`genpipe sample`, a real `mlflow models serve` answering HTTP on 127.0.0.1, and
+`genpipe ui` serving the registry on 127.0.0.1 only.
 
 The pipelines run once, in the session fixture `reviewed` (tests/e2e/family_runs.py),
 beside the other families' on their own GENPIPE_HOME (`fresh_home`); every test reads
@@ -31,6 +32,7 @@ from pipelines.sampling import chunks
 from pipelines.serving import MAX_N
 from tests.e2e.family_runs import PIPELINES, spec_args
 from tests.realparts import (
+    GENPIPE,
     REPO,
     VENV_BIN,
     _free_port,
@@ -270,3 +272,22 @@ def test_sample_refuses_a_bad_n_or_label_in_one_line(reviewed, fresh_home, tmp_p
         _, err = cli.communicate(timeout=600)
         assert cli.returncode == 2 and err.strip().splitlines() == [f"genpipe: error: {message}"], err[-2000:]
     assert not out.exists()
+
+
+def test_the_ui_serves_the_registry_on_loopback_only(reviewed, fresh_home, tmp_path):
+    port, log = _free_port(), tmp_path / "ui.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([GENPIPE, "ui", "--port", str(port)], env=fresh_home["env"], cwd=REPO, stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        # mlflow ui imports a lot: slow on a loaded machine
+        _wait("genpipe ui", lambda: _http_status(f"http://127.0.0.1:{port}/health") == 200, proc, log, 240)
+        listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
+        assert {line.split()[3] for line in listening.splitlines()} == {f"127.0.0.1:{port}"}
+        # what a reviewer opens: the review's models, through the UI server's own API
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/2.0/mlflow/registered-models/search",
+                                    timeout=60) as resp:
+            names = {m["name"] for m in json.loads(resp.read())["registered_models"]}
+        assert {"reg-digits", "reg-pixelcnn"} <= names, names
+    finally:
+        _stop_group(proc)
