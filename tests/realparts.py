@@ -132,6 +132,24 @@ def last_json(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
+def one_clear_line(r: subprocess.CompletedProcess, *needles: str) -> None:
+    """Bad input's answer: exit 2 and one `genpipe: error:` line holding every needle, no traceback."""
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("genpipe: error:")]
+    assert len(errors) == 1, r.stderr[-2000:]
+    for n in needles:
+        assert n in errors[0], errors[0]
+
+
+def digest(root: Path) -> dict[str, str]:
+    """Every file under root and its SHA-256: what a refused command must leave as it was."""
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 # Digits (scikit-learn, 8x8) keeps a real pipeline to seconds of compute.
 DIGITS = ["--set", "data.source=digits", "--set", "extractor.epochs=30", "--set", "evaluate.num_samples=300",
           "--set", "evaluate.grid_size=16"]
