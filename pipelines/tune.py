@@ -23,7 +23,6 @@ MLflow); the driver's callback closes it when Tune says the trial ended.
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import math
@@ -34,7 +33,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import ray
 import torch
 from ray import tune
 
@@ -44,6 +42,7 @@ from pipelines import checkpoints, metrics, ray_internals, storage, tracking, tr
 from pipelines import data as datasets
 from pipelines.config import PipelineSpec
 from pipelines.errors import InvalidInput, StageFailed
+from pipelines.mailbox import Channel, Mailbox
 from pipelines.stages import StageJob
 
 TRIAL_TAG = "genpipe.trial_id"
@@ -113,35 +112,6 @@ class Validation:
         return {f"val/{self.metric}": value if math.isfinite(value) else math.inf}
 
 
-@ray.remote(num_cpus=0)
-class _Mailbox:
-    """A trial's two channels in one actor: its reports (Train's controller -> the trial) and its pace
-    (the trial -> rank 0). Two `ray.util.queue.Queue`s would be two actor processes, each ~1.3 CPU-seconds
-    to start, at every start of every trial. Async, so a `get` waiting on one channel holds no other call."""
-
-    def __init__(self):
-        self.channels: dict[str, asyncio.Queue] = {}
-
-    async def put(self, channel: str, item) -> None:
-        await self.channels.setdefault(channel, asyncio.Queue()).put(item)
-
-    async def get(self, channel: str):
-        return await self.channels.setdefault(channel, asyncio.Queue()).get()
-
-
-class _Channel:
-    """One channel of a `_Mailbox`, used as a queue from any process (its handle pickles)."""
-
-    def __init__(self, mailbox, name: str):
-        self.mailbox, self.name = mailbox, name
-
-    def put(self, item) -> None:
-        ray.get(self.mailbox.put.remote(self.name, item))
-
-    def get(self):
-        return ray.get(self.mailbox.get.remote(self.name))
-
-
 def _forward_reports(queue):
     """A Train callback that puts each report (rank 0's metrics, the checkpoint) on `queue`."""
     from ray.train import UserCallback
@@ -200,8 +170,8 @@ class Trial(tune.Trainable):
         # decided on. A resumed search re-runs a trial from the checkpoint Tune last recorded, which may
         # be older than the report it last took: what MLflow has already is not logged twice.
         self.logger = tracking.MetricLogger(tracking_uri, self.run_id, skip_logged=True)
-        mailbox = _Mailbox.remote()
-        self.reports, self.pace = _Channel(mailbox, "reports"), _Channel(mailbox, "pace")
+        mailbox = Mailbox.remote()
+        self.reports, self.pace = Channel(mailbox, "reports"), Channel(mailbox, "pace")
         self.start: dict[str, bytes] | None = None
         self.origin = "start"
         self.fit: threading.Thread | None = None
