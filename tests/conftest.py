@@ -24,7 +24,7 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
     xdist hands out the largest scope first and gives a worker its next one when it has two tests left:
     the real parts take one worker, every family's pipeline (tests/e2e/test_families.py, and the registry
     review of three of them, tests/e2e/test_registry.py: a head of their own) the other, which then takes
-    the two-node cluster (tests/e2e/test_cluster.py) and the unit tests.
+    the two-node cluster (tests/e2e/test_cluster.py), DDP equivalence (no Ray at all) and the unit tests.
     With the cluster at the head of the real-parts worker's queue, that worker ran 21 minutes while the
     other was done after 11. (xdist's own `--dist loadgroup` keys groups on rewritten node ids, which
     pytest 9 no longer takes.)"""

@@ -572,8 +572,9 @@ def cluster(tmp_path_factory, moto_s3):
         # SIGTERM, then SIGKILL after 3 s: `mlflow server` lingers 5 to 20 s after its uvicorn has gone
         stack.callback(_timed, logs, "mlflow server stopped", _stop_group, server["proc"], signal.SIGTERM, 3)
 
+        shard_cache = tmp / "shard-cache"
         node_env = {**base, **moto_s3, "MLFLOW_TRACKING_USERNAME": MLFLOW_USER,
-                    "MLFLOW_TRACKING_PASSWORD": MLFLOW_PASSWORD, "GENPIPE_SHARD_CACHE": str(tmp / "shard-cache")}
+                    "MLFLOW_TRACKING_PASSWORD": MLFLOW_PASSWORD, "GENPIPE_SHARD_CACHE": str(shard_cache)}
         ray = RayCluster(logs, node_env, tmp / "ray_auth_token")
         stack.callback(_timed, logs, "Ray stopped", ray.stop)
         ray.start_head()  # the server and the head come up side by side
@@ -590,4 +591,4 @@ def cluster(tmp_path_factory, moto_s3):
         (logs / "times.txt").write_text(f"cluster up in {up:.1f}s\n")
         yield {"address": ray.address, "mlflow": server["url"], "mlflow_port": port, "ray": ray, "env": env,
                "home": home, "logs": logs, "pg": pg, "node_ids": sorted(n["node_id"] for n in nodes),
-               "shard_cache": tmp / "shard-cache", "seconds": up}
+               "shard_cache": shard_cache, "seconds": up}

@@ -1,8 +1,7 @@
 """Every family's pipeline to a registered version, on a GENPIPE_HOME of their own: the families of
 tests/e2e/test_families.py one pipeline each, and the registry review's (a conditional GAN, PixelCNN and
 DDPM on the digits, and a quality gate that fails), which tests/e2e/test_registry.py reviews and counts
-as those three families' pipelines (a family needs one, not two). The smoke spec's family (DCGAN) has
-its pipeline in tests/e2e/test_pipeline.py, on the session's head. tests/e2e/conftest.py makes the
+as those three families' pipelines (a family needs one, not two). tests/e2e/conftest.py makes the
 fixtures here every e2e test's.
 
 They run three at a time on a home with no head and no database yet, so the first three start at the
@@ -66,8 +65,7 @@ TRAIN = ["--set", "train.use_gpu=false", "--set", "train.num_workers=1", "--set"
 # Three at a time: the head has a CPU for each of two train stages, and a pipeline spends most of its
 # time outside them (its stages' start-up, prepare, evaluate, register), mostly on one core.
 AT_A_TIME = 3
-SMOKE_FAMILY = config.load("jobs/smoke.yaml").model.family  # the smoke pipeline's (tests/e2e/test_pipeline.py)
-OWN = [f for f in registry.FAMILIES if f not in PIPELINES and f != SMOKE_FAMILY]  # their pipeline is here
+OWN = [f for f in registry.FAMILIES if f not in PIPELINES]  # the families with a pipeline of their own
 
 
 def tiny(family: str) -> list[str]:

@@ -1,8 +1,9 @@
 """The pipeline on a cluster laid out as infra/k8s deploys it, on this machine: a two-node
 Ray cluster (token auth), an MLflow server on PostgreSQL with basic auth and its artifacts
 proxied to S3 (moto), the pipeline's storage on that S3, and a user's own images: a folder of
-32x32 RGB photo patches on that S3. The `cluster` fixture (tests/realparts.py) says what runs
-where; tests/integration/test_image_folder.py is the folder's prepare stage in detail."""
+photo patches on that S3 (PNG, JPEG and WebP, 40 to 79 px), which prepare turns into 32x32 RGB. The
+`cluster` fixture (tests/realparts.py) says what runs where; tests/integration/test_image_folder.py
+is such a folder's prepare stage in detail."""
 
 from __future__ import annotations
 
@@ -46,11 +47,11 @@ def test_pipeline_on_two_nodes_with_mlflow_on_postgres_and_s3(cluster, moto_s3, 
     folder = photo_patches(tmp_path / "photos", per_photo=40)  # 80 files: two decoding tasks of 64
     for f in folder.rglob("*"):
         if f.is_file():
-            s3.upload_file(str(f), "genpipe", f"photos/{f.relative_to(folder).as_posix()}")
+            s3.upload_file(str(f), "genpipe", f"cluster-data/photos/{f.relative_to(folder).as_posix()}")
     r = genpipe(cluster, "pipeline", "--config", "jobs/smoke.yaml", "--address", cluster["address"],
                 "--set", "name=cluster", "--set", "storage=s3://genpipe/cluster", "--set", "train.num_workers=2",
                 "--set", "registry.model_name=cluster-dcgan", "--set", "data.source=image_folder",
-                "--set", "data.uri=s3://genpipe/photos/", "--set", "data.image_size=32",
+                "--set", "data.uri=s3://genpipe/cluster-data/photos/", "--set", "data.image_size=32",
                 "--set", "data.labels=subfolders", "--set", "data.shard_size=100", "--set", "extractor.epochs=3",
                 "--set", "train.steps=20", "--set", "evaluate.num_samples=200")
     (cluster["logs"] / "pipeline.log").write_text(r.stderr)
@@ -58,7 +59,8 @@ def test_pipeline_on_two_nodes_with_mlflow_on_postgres_and_s3(cluster, moto_s3, 
     out = last_json(r.stdout)
     assert out["model"] == "cluster-dcgan" and out["version"] == 1
     assert all(np.isfinite(out["metrics"][k]) for k in ("fid", "kid", "precision"))
-    assert "80/80 images (100%)" in r.stderr and "step 20/20" in r.stderr  # progress reaches the user
+    # progress reaches the user: prepare's, and rank 0's whichever node it ran on
+    assert "80/80 images (100%)" in r.stderr and "step 20/20" in r.stderr
 
     # The registry, through the server: every run FINISHED, the version there, its files in S3.
     for k, v in cluster["env"].items():
@@ -77,8 +79,8 @@ def test_pipeline_on_two_nodes_with_mlflow_on_postgres_and_s3(cluster, moto_s3, 
         in_postgres = {row[0] for row in db.execute("select run_uuid from runs")}
     assert set(out["runs"].values()) <= in_postgres
 
-    # Every stage's outputs and the Train checkpoints are on S3; training read the RGB shards through each
-    # node's cache (both nodes share one directory on this machine).
+    # Every stage's outputs and the Train checkpoints are on S3, and the train stage fetched the training
+    # shards into the nodes' cache, where its workers read them (one directory for both nodes on this machine).
     stored = _keys(s3, "cluster/")
     assert {f"cluster/cluster/{stage}/manifest.json" for stage in out["runs"] if stage != "pipeline"} <= set(stored)
     assert any(k.endswith("model.safetensors") for k in stored)
@@ -97,8 +99,8 @@ def test_pipeline_on_two_nodes_with_mlflow_on_postgres_and_s3(cluster, moto_s3, 
     # The registered version, through the server and its artifact proxy: its lineage names the folder, and
     # it samples 32x32 RGB images.
     shown = genpipe(cluster, "models", "show", "cluster-dcgan@champion")
-    assert shown.returncode == 0 and "dataset image_folder:photos: s3://genpipe/photos (s3)" in shown.stdout, \
-        shown.stdout + shown.stderr[-2000:]
+    lineage = "dataset image_folder:photos: s3://genpipe/cluster-data/photos (s3)"
+    assert shown.returncode == 0 and lineage in shown.stdout, shown.stdout + shown.stderr[-2000:]
     sampled = genpipe(cluster, "sample", "models:/cluster-dcgan@champion", "-n", "4", "--out", str(tmp_path / "s.npy"))
     assert sampled.returncode == 0 and np.load(tmp_path / "s.npy").shape == (4, 3, 32, 32), sampled.stderr[-2000:]
 

@@ -4,8 +4,7 @@ contract-suite `tiny()` config, one worker, a few steps), is evaluated and
 registered for real; the learning tests are where they must learn. The three
 families the registry review trains (tests/e2e/family_runs.py: cgan,
 pixelcnn, ddpm) are checked on those pipelines instead of running a second one each
-(tests/e2e/test_registry.py), and the smoke spec's DCGAN on the smoke pipeline
-(tests/e2e/test_pipeline.py), with the same `assert_registered`.
+(tests/e2e/test_registry.py), with the same `assert_registered`.
 
 The pipelines run in tests/e2e/family_runs.py, three at a time on a GENPIPE_HOME of
 their own that has no head and no database when the first three start. At the

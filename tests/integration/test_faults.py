@@ -27,6 +27,7 @@ from tests.realparts import (
     _free_port,
     committed_checkpoint,
     committed_step,
+    genpipe,
     ray_api,
     reserved_placement_groups,
     start,
@@ -414,8 +415,9 @@ def _reset(s: socket.socket) -> None:
         pass
 
 
-def test_s3_outage_during_checkpointing(home):
+def test_s3_outage_during_checkpointing(home, tmp_path):
     import boto3
+    import numpy as np
 
     name = "fault-s3-outage"
     endpoint = home["env"]["AWS_ENDPOINT_URL"]
@@ -426,8 +428,8 @@ def test_s3_outage_during_checkpointing(home):
     s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
                       aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_DEFAULT_REGION"])
     # max_failures=0: a failed upload would fail the run; only retries can carry it through.
-    proc = _start_train(home, name, "train.max_failures=0", "train.checkpoint_every=50", f"storage=s3://genpipe/{prefix}",
-                        extra_env={"AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"})
+    sets = ("train.max_failures=0", "train.checkpoint_every=50", f"storage=s3://genpipe/{prefix}")
+    proc = _start_train(home, name, *sets, extra_env={"AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"})
 
     def committed() -> bool:
         for obj in s3.list_objects_v2(Bucket="genpipe", Prefix=f"{prefix}/{name}/train/").get("Contents", []):
@@ -447,3 +449,18 @@ def test_s3_outage_during_checkpointing(home):
     meta = json.loads(s3.get_object(Bucket="genpipe", Key=f"{ckpt}/meta.json")["Body"].read())
     assert meta["step"] == STEPS
     _assert_every_step_once(_sqlite(home), name)
+
+    # On to a registered version, S3 back up: with MLflow on sqlite there is no server to hold artifacts, so
+    # the experiment keeps its own (samples, the packaged model) in the pipeline's S3 storage, and `genpipe
+    # sample` reads the version from there. (Through an MLflow server's artifact proxy: tests/e2e/test_cluster.py.)
+    args = ["pipeline", "--config", "jobs/smoke.yaml", *DIGITS, "--set", f"name={name}"]
+    for s in (*SETS, *sets, "registry.model_name=s3-dcgan"):
+        args += ["--set", s]
+    r = genpipe(home, *args)
+    assert r.returncode == 0 and "[train] cached" in r.stderr, r.stderr[-3000:]
+    artifacts = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(
+        Bucket="genpipe", Prefix=f"{prefix}/mlflow-artifacts/{name}/") for o in page.get("Contents", [])]
+    assert any(k.endswith("/samples.png") for k in artifacts) and any(k.endswith("/MLmodel") for k in artifacts), \
+        artifacts
+    r = genpipe(home, "sample", "models:/s3-dcgan@champion", "-n", "4", "--out", str(tmp_path / "s.npy"))
+    assert r.returncode == 0 and np.load(tmp_path / "s.npy").shape == (4, 1, 8, 8), r.stderr[-2000:]

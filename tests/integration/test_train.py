@@ -56,6 +56,22 @@ def test_interrupted_training_resumes_to_the_uninterrupted_result(home):
     assert [m.step for m in peak] == checkpoints
     assert all(100 < m.value < 20_000 for m in peak)  # a torch worker's resident set: hundreds of MiB
 
+    # The reference's weights cut short, as by an upload that failed half-way: evaluate refuses them before
+    # anything loads them (one line, exit 2), and the trained stage is as it was once the file is whole.
+    ref_dir = home["path"] / "storage" / "resume-ref" / "train"
+    before = digest(ref_dir)
+    weights = _final_checkpoint(home, "resume-ref") / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    try:
+        refused = genpipe(home, "evaluate", "--config", "jobs/smoke.yaml", *DIGITS, "--set", "name=resume-ref",
+                          *(a for s in sets for a in ("--set", s)))
+        one_clear_line(refused, "model.safetensors is corrupt: checksum")
+        assert not (home["path"] / "storage" / "resume-ref" / "evaluate" / "manifest.json").exists()
+    finally:
+        weights.write_bytes(data)
+    assert digest(ref_dir) == before
+
     args = ["train", "--config", "jobs/smoke.yaml", *DIGITS, "--set", "name=resume-cut"]
     for s in sets:
         args += ["--set", s]
@@ -84,22 +100,6 @@ def test_interrupted_training_resumes_to_the_uninterrupted_result(home):
     for k in ref:
         torch.testing.assert_close(cut[k], ref[k], rtol=0, atol=1e-6, msg=k)
     assert {r.info.status for r in c.search_runs([exp])} == {"FINISHED"}
-
-    # The reference's weights cut short, as by an upload that failed half-way: evaluate refuses them before
-    # anything loads them (one line, exit 2), and the trained stage is as it was once the file is whole.
-    train_dir = home["path"] / "storage" / "resume-ref" / "train"
-    before = digest(train_dir)
-    weights = _final_checkpoint(home, "resume-ref") / "model.safetensors"
-    data = weights.read_bytes()
-    weights.write_bytes(data[: len(data) // 2])
-    try:
-        r = genpipe(home, "evaluate", "--config", "jobs/smoke.yaml", *DIGITS, "--set", "name=resume-ref",
-                    *(a for s in sets for a in ("--set", s)))
-        one_clear_line(r, "model.safetensors is corrupt: checksum")
-        assert not (home["path"] / "storage" / "resume-ref" / "evaluate" / "manifest.json").exists()
-    finally:
-        weights.write_bytes(data)
-    assert digest(train_dir) == before
 
 
 # An Adam learning rate of 1e4 sends the VAE's weights, then its loss, to inf/NaN within a few steps.

@@ -6,6 +6,7 @@ gloo DDP. CGAN: samples follow the labels asked for, training the batch's."""
 
 from __future__ import annotations
 
+import gc
 import io
 import os
 
@@ -222,6 +223,7 @@ def _ddp_worker(rank: int, port: int) -> None:
         # of an uncaught C++ exception ("terminate called without an active exception") in a loaded suite
         # run; not reproduced in 25 runs beside three busy loops, so this is the likeliest cause, not a proven one.
         start, gathered = _ddp_train(rank)
+        gc.collect()  # the model's reference cycles too
     finally:
         dist.destroy_process_group()
     assert not torch.equal(gathered[rank], start)
