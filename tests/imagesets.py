@@ -38,3 +38,10 @@ def fashion_pngs(root: Path, x: np.ndarray, y: np.ndarray) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(img[0], "L").save(path)
     return root
+
+
+def upload(folder: Path, s3, prefix: str) -> None:
+    """Every file under folder to s3://genpipe/PREFIX/<its path under folder> (s3: a boto3 client)."""
+    for f in folder.rglob("*"):
+        if f.is_file():
+            s3.upload_file(str(f), "genpipe", f"{prefix}/{f.relative_to(folder).as_posix()}")

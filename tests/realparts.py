@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import json
 import os
 import pwd
@@ -132,6 +133,11 @@ def last_json(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
+def set_args(*fields: str) -> list[str]:
+    """`--set FIELD` for each spec field override ("train.steps=20")."""
+    return [a for f in fields for a in ("--set", f)]
+
+
 def one_clear_line(r: subprocess.CompletedProcess, *needles: str) -> None:
     """Bad input's answer: exit 2 and one `genpipe: error:` line holding every needle, no traceback."""
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
@@ -144,8 +150,6 @@ def one_clear_line(r: subprocess.CompletedProcess, *needles: str) -> None:
 
 def digest(root: Path) -> dict[str, str]:
     """Every file under root and its SHA-256: what a refused command must leave as it was."""
-    import hashlib
-
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
 

@@ -19,7 +19,7 @@ import psycopg
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.imagesets import photo_patches
+from tests.imagesets import photo_patches, upload
 from tests.realparts import (AWS_KEY_ID, AWS_SECRET, DIGITS, MLFLOW_ADMIN_PASSWORD, MLFLOW_PASSWORD, MLFLOW_USER,
                              PG_PASSWORD, genpipe, last_json)
 
@@ -44,10 +44,7 @@ def _without_credentials(env: dict) -> dict:
 
 def test_pipeline_on_two_nodes_with_mlflow_on_postgres_and_s3(cluster, moto_s3, monkeypatch, tmp_path):
     s3 = _s3(moto_s3)
-    folder = photo_patches(tmp_path / "photos", per_photo=40)  # 80 files: two decoding tasks of 64
-    for f in folder.rglob("*"):
-        if f.is_file():
-            s3.upload_file(str(f), "genpipe", f"cluster-data/photos/{f.relative_to(folder).as_posix()}")
+    upload(photo_patches(tmp_path / "photos", per_photo=40), s3, "cluster-data/photos")  # 80 files: 2 tasks of 64
     r = genpipe(cluster, "pipeline", "--config", "jobs/smoke.yaml", "--address", cluster["address"],
                 "--set", "name=cluster", "--set", "storage=s3://genpipe/cluster", "--set", "train.num_workers=2",
                 "--set", "registry.model_name=cluster-dcgan", "--set", "data.source=image_folder",

@@ -31,7 +31,7 @@ def test_missing_spec_file(home):
 
 def test_unreachable_ray_address(home):
     one_clear_line(genpipe(home, "pipeline", "--config", "jobs/smoke.yaml", "--address", "http://127.0.0.1:9"),
-                    "127.0.0.1:9")
+                   "127.0.0.1:9")
 
 
 def test_missing_data_root(home, tmp_path):

@@ -30,6 +30,7 @@ from tests.realparts import (
     genpipe,
     ray_api,
     reserved_placement_groups,
+    set_args,
     start,
     start_mlflow_server,
     train_workers,
@@ -45,11 +46,13 @@ SETS = [f"train.steps={STEPS}", "train.checkpoint_every=100", f"train.log_every=
         "train.num_workers=2", "train.batch_size=64"]
 
 
+def _args(command: str, name: str, *sets: str) -> list[str]:
+    """A fault test's `genpipe COMMAND`: the smoke spec on the digits, SETS, then the test's own."""
+    return [command, "--config", "jobs/smoke.yaml", *DIGITS, *set_args(f"name={name}", *SETS, *sets)]
+
+
 def _start_train(home, name: str, *sets: str, extra_env: dict | None = None) -> subprocess.Popen:
-    args = ["train", "--config", "jobs/smoke.yaml", *DIGITS, "--set", f"name={name}"]
-    for s in (*SETS, *sets):
-        args += ["--set", s]
-    return start(home, *args, extra_env=extra_env)
+    return start(home, *_args("train", name, *sets), extra_env=extra_env)
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 600) -> str:
@@ -453,10 +456,7 @@ def test_s3_outage_during_checkpointing(home, tmp_path):
     # On to a registered version, S3 back up: with MLflow on sqlite there is no server to hold artifacts, so
     # the experiment keeps its own (samples, the packaged model) in the pipeline's S3 storage, and `genpipe
     # sample` reads the version from there. (Through an MLflow server's artifact proxy: tests/e2e/test_cluster.py.)
-    args = ["pipeline", "--config", "jobs/smoke.yaml", *DIGITS, "--set", f"name={name}"]
-    for s in (*SETS, *sets, "registry.model_name=s3-dcgan"):
-        args += ["--set", s]
-    r = genpipe(home, *args)
+    r = genpipe(home, *_args("pipeline", name, *sets, "registry.model_name=s3-dcgan"))
     assert r.returncode == 0 and "[train] cached" in r.stderr, r.stderr[-3000:]
     artifacts = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(
         Bucket="genpipe", Prefix=f"{prefix}/mlflow-artifacts/{name}/") for o in page.get("Contents", [])]

@@ -16,7 +16,7 @@ from pipelines import storage
 from pipelines.config import DataSpec
 from pipelines.data import prepare
 from pipelines.models import _dataset_lines
-from tests.imagesets import photo_patches
+from tests.imagesets import photo_patches, upload
 from tests.realparts import genpipe, ray_state
 
 pytestmark = pytest.mark.integration
@@ -34,9 +34,7 @@ def test_an_image_folder_on_s3_is_prepared_by_ray_tasks(home, tmp_path, monkeypa
     env = home["env"]
     s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name=env["AWS_DEFAULT_REGION"],
                       aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
-    for p in folder.rglob("*"):
-        if p.is_file():
-            s3.upload_file(str(p), "genpipe", f"photos/{p.relative_to(folder).as_posix()}")
+    upload(folder, s3, "photos")
     base = ["--config", "jobs/smoke.yaml", "--set", "name=photos", "--set", "data.source=image_folder",
             "--set", "data.uri=s3://genpipe/photos/", "--set", "data.image_size=32", "--set", "data.labels=subfolders",
             "--set", "data.shard_size=100", "--set", "extractor.epochs=3"]

@@ -16,7 +16,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from tests.realparts import DIGITS, committed_checkpoint, digest, genpipe, one_clear_line, start
+from tests.realparts import DIGITS, committed_checkpoint, digest, genpipe, one_clear_line, set_args, start
 
 pytestmark = pytest.mark.integration
 
@@ -64,8 +64,7 @@ def test_interrupted_training_resumes_to_the_uninterrupted_result(home):
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
     try:
-        refused = genpipe(home, "evaluate", "--config", "jobs/smoke.yaml", *DIGITS, "--set", "name=resume-ref",
-                          *(a for s in sets for a in ("--set", s)))
+        refused = genpipe(home, "evaluate", "--config", "jobs/smoke.yaml", *DIGITS, *set_args("name=resume-ref", *sets))
         one_clear_line(refused, "model.safetensors is corrupt: checksum")
         assert not (home["path"] / "storage" / "resume-ref" / "evaluate" / "manifest.json").exists()
     finally:
