@@ -55,13 +55,24 @@ def moto_s3(tmp_path_factory):
             time.sleep(0.1)
     env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": AWS_KEY_ID, "AWS_SECRET_ACCESS_KEY": AWS_SECRET,
            "AWS_DEFAULT_REGION": "us-east-1"}
-    import boto3
-
-    boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id=AWS_KEY_ID,
-                 aws_secret_access_key=AWS_SECRET).create_bucket(Bucket="genpipe")
+    s3_client(env).create_bucket(Bucket="genpipe")
     yield env
     proc.terminate()
     proc.wait(10)
+
+
+def s3_client(env: dict):
+    """A boto3 S3 client on the moto server that env names (moto_s3's, or a home's)."""
+    import boto3
+
+    return boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name=env["AWS_DEFAULT_REGION"],
+                        aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+
+
+def s3_keys(s3, prefix: str) -> list[str]:
+    """Every key under prefix in the bucket `genpipe`."""
+    return [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="genpipe", Prefix=prefix)
+            for o in page.get("Contents", [])]
 
 
 def home_env(path: Path, moto_s3: dict) -> dict:

@@ -13,7 +13,6 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import boto3
 import numpy as np
 import psycopg
 import pytest
@@ -21,21 +20,11 @@ from mlflow.tracking import MlflowClient
 
 from tests.imagesets import photo_patches, upload
 from tests.realparts import (AWS_KEY_ID, AWS_SECRET, DIGITS, MLFLOW_ADMIN_PASSWORD, MLFLOW_PASSWORD, MLFLOW_USER,
-                             PG_PASSWORD, genpipe, last_json)
+                             PG_PASSWORD, genpipe, last_json, s3_client, s3_keys)
 
 pytestmark = pytest.mark.integration
 
 SECRETS = (MLFLOW_PASSWORD, MLFLOW_ADMIN_PASSWORD, PG_PASSWORD, AWS_KEY_ID, AWS_SECRET)
-
-
-def _s3(moto_s3):
-    return boto3.client("s3", endpoint_url=moto_s3["AWS_ENDPOINT_URL"], region_name="us-east-1",
-                        aws_access_key_id=AWS_KEY_ID, aws_secret_access_key=AWS_SECRET)
-
-
-def _keys(s3, prefix: str) -> list[str]:
-    return [o["Key"] for p in s3.get_paginator("list_objects_v2").paginate(Bucket="genpipe", Prefix=prefix)
-            for o in p.get("Contents", [])]
 
 
 def _without_credentials(env: dict) -> dict:
@@ -43,7 +32,7 @@ def _without_credentials(env: dict) -> dict:
 
 
 def test_pipeline_on_two_nodes_with_mlflow_on_postgres_and_s3(cluster, moto_s3, monkeypatch, tmp_path):
-    s3 = _s3(moto_s3)
+    s3 = s3_client(moto_s3)
     upload(photo_patches(tmp_path / "photos", per_photo=40), s3, "cluster-data/photos")  # 80 files: 2 tasks of 64
     r = genpipe(cluster, "pipeline", "--config", "jobs/smoke.yaml", "--address", cluster["address"],
                 "--set", "name=cluster", "--set", "storage=s3://genpipe/cluster", "--set", "train.num_workers=2",
@@ -68,7 +57,7 @@ def test_pipeline_on_two_nodes_with_mlflow_on_postgres_and_s3(cluster, moto_s3, 
     assert {stage: run.info.status for stage, run in runs.items()} == dict.fromkeys(out["runs"], "FINISHED")
     mv = c.get_model_version("cluster-dcgan", "1")
     assert mv.run_id == out["runs"]["register"]
-    artifacts = _keys(s3, "mlflow-artifacts/")
+    artifacts = s3_keys(s3, "mlflow-artifacts/")
     assert any(k.endswith("/MLmodel") for k in artifacts), artifacts  # the registered pyfunc, proxied to S3
     assert any(k.endswith("/samples.png") for k in artifacts), artifacts
     with psycopg.connect(host="127.0.0.1", port=cluster["pg"]["port"], user="mlflow", password=PG_PASSWORD,
@@ -78,7 +67,7 @@ def test_pipeline_on_two_nodes_with_mlflow_on_postgres_and_s3(cluster, moto_s3, 
 
     # Every stage's outputs and the Train checkpoints are on S3, and the train stage fetched the training
     # shards into the nodes' cache, where its workers read them (one directory for both nodes on this machine).
-    stored = _keys(s3, "cluster/")
+    stored = s3_keys(s3, "cluster/")
     assert {f"cluster/cluster/{stage}/manifest.json" for stage in out["runs"] if stage != "pipeline"} <= set(stored)
     assert any(k.endswith("model.safetensors") for k in stored)
     prepared = json.loads(s3.get_object(Bucket="genpipe", Key="cluster/cluster/prepare/manifest.json")["Body"].read())

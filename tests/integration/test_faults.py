@@ -30,6 +30,8 @@ from tests.realparts import (
     genpipe,
     ray_api,
     reserved_placement_groups,
+    s3_client,
+    s3_keys,
     set_args,
     start,
     start_mlflow_server,
@@ -419,7 +421,6 @@ def _reset(s: socket.socket) -> None:
 
 
 def test_s3_outage_during_checkpointing(home, tmp_path):
-    import boto3
     import numpy as np
 
     name = "fault-s3-outage"
@@ -427,17 +428,15 @@ def test_s3_outage_during_checkpointing(home, tmp_path):
     host, port = endpoint.removeprefix("http://").split(":")
     proxy = _FlakyProxy((host, int(port)))
     prefix = f"{name}-{os.getpid()}"
-    env = home["env"]
-    s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                      aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_DEFAULT_REGION"])
+    s3 = s3_client(home["env"])
     # max_failures=0: a failed upload would fail the run; only retries can carry it through.
     sets = ("train.max_failures=0", "train.checkpoint_every=50", f"storage=s3://genpipe/{prefix}")
     proc = _start_train(home, name, *sets, extra_env={"AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"})
 
     def committed() -> bool:
-        for obj in s3.list_objects_v2(Bucket="genpipe", Prefix=f"{prefix}/{name}/train/").get("Contents", []):
-            if obj["Key"].endswith("checkpoint_manager_snapshot.json"):
-                body = s3.get_object(Bucket="genpipe", Key=obj["Key"])["Body"].read()
+        for key in s3_keys(s3, f"{prefix}/{name}/train/"):
+            if key.endswith("checkpoint_manager_snapshot.json"):
+                body = s3.get_object(Bucket="genpipe", Key=key)["Body"].read()
                 return bool(json.loads(body).get("latest_checkpoint_result"))
         return False
 
@@ -458,8 +457,7 @@ def test_s3_outage_during_checkpointing(home, tmp_path):
     # sample` reads the version from there. (Through an MLflow server's artifact proxy: tests/e2e/test_cluster.py.)
     r = genpipe(home, *_args("pipeline", name, *sets, "registry.model_name=s3-dcgan"))
     assert r.returncode == 0 and "[train] cached" in r.stderr, r.stderr[-3000:]
-    artifacts = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(
-        Bucket="genpipe", Prefix=f"{prefix}/mlflow-artifacts/{name}/") for o in page.get("Contents", [])]
+    artifacts = s3_keys(s3, f"{prefix}/mlflow-artifacts/{name}/")
     assert any(k.endswith("/samples.png") for k in artifacts) and any(k.endswith("/MLmodel") for k in artifacts), \
         artifacts
     r = genpipe(home, "sample", "models:/s3-dcgan@champion", "-n", "4", "--out", str(tmp_path / "s.npy"))

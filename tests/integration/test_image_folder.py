@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import shutil
 
-import boto3
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -17,7 +16,7 @@ from pipelines.config import DataSpec
 from pipelines.data import prepare
 from pipelines.models import _dataset_lines
 from tests.imagesets import photo_patches, upload
-from tests.realparts import genpipe, ray_state
+from tests.realparts import genpipe, ray_state, s3_client
 
 pytestmark = pytest.mark.integration
 
@@ -32,8 +31,7 @@ def test_an_image_folder_on_s3_is_prepared_by_ray_tasks(home, tmp_path, monkeypa
     bad = sorted(folder.rglob("*.jpg"))[0]
     bad.write_bytes(bad.read_bytes()[: int(0.9 * bad.stat().st_size)])  # a tenth of its bytes cut
     env = home["env"]
-    s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name=env["AWS_DEFAULT_REGION"],
-                      aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+    s3 = s3_client(env)
     upload(folder, s3, "photos")
     base = ["--config", "jobs/smoke.yaml", "--set", "name=photos", "--set", "data.source=image_folder",
             "--set", "data.uri=s3://genpipe/photos/", "--set", "data.image_size=32", "--set", "data.labels=subfolders",

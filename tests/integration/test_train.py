@@ -27,10 +27,7 @@ def _final_checkpoint(home, name: str) -> Path:
 
 
 def _train(home, name: str, *sets: str, config: str = "jobs/smoke.yaml") -> subprocess.CompletedProcess:
-    args = ["train", "--config", config, *DIGITS, "--set", f"name={name}"]
-    for s in sets:
-        args += ["--set", s]
-    r = genpipe(home, *args)
+    r = genpipe(home, "train", "--config", config, *DIGITS, *set_args(f"name={name}", *sets))
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
@@ -71,10 +68,7 @@ def test_interrupted_training_resumes_to_the_uninterrupted_result(home):
         weights.write_bytes(data)
     assert digest(ref_dir) == before
 
-    args = ["train", "--config", "jobs/smoke.yaml", *DIGITS, "--set", "name=resume-cut"]
-    for s in sets:
-        args += ["--set", s]
-    proc = start(home, *args)
+    proc = start(home, "train", "--config", "jobs/smoke.yaml", *DIGITS, *set_args("name=resume-cut", *sets))
     train_dir = home["path"] / "storage" / "resume-cut" / "train"
     deadline = time.time() + 300
     while not committed_checkpoint(train_dir):
@@ -107,10 +101,7 @@ BLOW_UP = ["model.lr=10000", "train.use_gpu=false", "train.num_workers=2", "trai
 
 
 def test_non_finite_loss_stops_with_a_clear_error(home):
-    args = ["train", "--config", "jobs/vae.yaml", *DIGITS, "--set", "name=nan-stop"]
-    for s in BLOW_UP:
-        args += ["--set", s]
-    r = genpipe(home, *args)
+    r = genpipe(home, "train", "--config", "jobs/vae.yaml", *DIGITS, *set_args("name=nan-stop", *BLOW_UP))
     assert r.returncode == 1
     # The job's last log lines close the error, after its log was streamed.
     tail = r.stderr.split("stage train failed (")[1]
